@@ -1,0 +1,86 @@
+"""One orbax CheckpointManager per run, under `<workdir>/checkpoints/<step>/`.
+
+Items of a checkpoint: `params` (the model's parameters, all that sampling and `init_from` need),
+`train` (optimizer state, step, rng) and `data` (the grain iterator's position, so a resume continues
+the exact data stream). Saves are asynchronous; orbax writes to a temporary directory and renames it
+when complete, so an interrupted save never looks like a checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+ITEMS = ("params", "train", "data")
+
+
+def directory(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+class Checkpointer:
+    def __init__(self, workdir: str, *, keep: int, async_save: bool, read_only: bool = False):
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep or None,
+            enable_async_checkpointing=async_save,
+            create=not read_only,
+            read_only=read_only,
+        )
+        self.manager = ocp.CheckpointManager(directory(workdir), options=options, item_names=ITEMS)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: dict, data_iterator) -> None:
+        train = {k: v for k, v in state.items() if k != "params"}
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state["params"]),
+                train=ocp.args.StandardSave(train),
+                data=grain.checkpoint.CheckpointSave(data_iterator),
+            ),
+        )
+
+    def restore(self, step: int, abstract_state: dict, data_iterator) -> dict:
+        """The train state at `step`; `data_iterator` is moved to its saved position in place."""
+        abstract_train = {k: v for k, v in abstract_state.items() if k != "params"}
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_state["params"]),
+                train=ocp.args.StandardRestore(abstract_train),
+                data=grain.checkpoint.CheckpointRestore(data_iterator),
+            ),
+        )
+        return {"params": restored["params"], **restored["train"]}
+
+    def restore_params(self, step: int, abstract_params: dict) -> dict:
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
+        )
+        return restored["params"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def load_params(workdir: str, abstract_params: dict, step: int | None = None) -> tuple[dict, int]:
+    """Parameters of another run (latest checkpoint unless `step`), for sampling and `init_from`."""
+    ckpt = Checkpointer(workdir, keep=0, async_save=False, read_only=True)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint under {directory(workdir)}")
+    params = ckpt.restore_params(step, abstract_params)
+    ckpt.close()
+    return params, step
+
+
+def abstract_like(tree):
+    return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)

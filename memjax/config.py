@@ -1,0 +1,232 @@
+"""The config schema and its validation.
+
+`base_config()` is the schema: every key a config may have, with its default and type. Config files
+start from it (`cfg = base_config()`) and change values. `validate(cfg)` runs before anything is
+built or compiled and raises one `ConfigError` naming the offending field.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Any
+
+import ml_collections
+
+from memjax.models import registry
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field."""
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+SCHEDULES = ("cosine", "linear", "constant")
+DATA_SOURCES = ("stdlib", "text", "jsonl", "arrayrecord")
+TOKENIZERS = ("byte", "bpe")
+
+# Keys under these paths are free names (e.g. parameter groups); each value follows the sub-schema.
+_FREE_KEY_SCHEMAS = {
+    "optim.groups": {"pattern": "", "lr_mult": 1.0, "weight_decay": 0.0},
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict()
+    cfg.seed = 0
+
+    cfg.model = ml_collections.ConfigDict()
+    cfg.model.vocab_size = 0  # 0: the tokenizer's vocabulary, rounded up to a multiple of 8
+    cfg.model.d_model = 256
+    cfg.model.num_layers = 4
+    cfg.model.num_heads = 4
+    cfg.model.d_ff = 0  # 0: SwiGLU width 8/3 * d_model rounded up to a multiple of 64
+    # Comma-separated block names from the registry, cycled over the layers ("swa,swa,attention").
+    cfg.model.block_pattern = "attention"
+    cfg.model.tie_embeddings = True
+    cfg.model.rope_base = 10_000.0
+    cfg.model.norm_eps = 1e-6
+    cfg.model.init_std = 0.02
+    cfg.model.dtype = "float32"  # compute dtype; parameters stay float32
+    for name, defaults in registry.block_defaults().items():
+        cfg.model[name] = ml_collections.ConfigDict(defaults)
+
+    cfg.train = ml_collections.ConfigDict()
+    cfg.train.seq_len = 256
+    cfg.train.batch_size = 16  # global, per optimizer step
+    cfg.train.grad_accum_steps = 1
+    cfg.train.steps = 1000
+    cfg.train.stop_at_step = 0  # >0: checkpoint and exit at this step (the schedule still spans `steps`)
+    cfg.train.log_every = 10
+    cfg.train.eval_every = 200
+    cfg.train.eval_batches = 8
+    cfg.train.checkpoint_every = 200
+    cfg.train.keep_checkpoints = 3
+    cfg.train.async_checkpoint = True
+    cfg.train.init_from = ""  # workdir of another run: start from its latest parameters
+    cfg.train.progress_bar = True
+
+    cfg.optim = ml_collections.ConfigDict()
+    cfg.optim.lr = 3e-3
+    cfg.optim.schedule = "cosine"
+    cfg.optim.warmup_steps = 100
+    cfg.optim.min_lr_ratio = 0.1
+    cfg.optim.b1 = 0.9
+    cfg.optim.b2 = 0.95
+    cfg.optim.eps = 1e-8
+    cfg.optim.weight_decay = 0.1  # applied to matrices (ndim >= 2) outside any group
+    cfg.optim.clip_norm = 1.0  # 0 disables
+    # name -> {pattern: regex on the "/"-joined parameter path, lr_mult, weight_decay}; first match wins.
+    cfg.optim.groups = ml_collections.ConfigDict()
+    cfg.optim.groups.embeddings = ml_collections.ConfigDict(
+        {"pattern": r"^embed/", "lr_mult": 1.0, "weight_decay": 0.0}
+    )
+
+    cfg.data = ml_collections.ConfigDict()
+    cfg.data.source = "stdlib"
+    cfg.data.paths = ""  # comma-separated globs for text / jsonl / arrayrecord
+    cfg.data.val_paths = ""  # explicit validation files; otherwise a hash split of documents
+    cfg.data.jsonl_field = "text"
+    cfg.data.val_fraction = 0.05
+    cfg.data.tokenizer = "byte"
+    cfg.data.tokenizer_path = ""
+    cfg.data.bpe_vocab_size = 4096
+    cfg.data.bpe_train_bytes = 20_000_000
+    cfg.data.prefetch = 2
+    return cfg
+
+
+def _type_ok(expected: Any, value: Any) -> bool:
+    if isinstance(expected, bool):
+        return isinstance(value, bool)
+    if isinstance(expected, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(expected, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, type(expected))
+
+
+def _check_keys(schema: Any, cfg: Any, path: str) -> None:
+    for key in cfg.keys():
+        field = f"{path}.{key}" if path else key
+        if key not in schema:
+            close = difflib.get_close_matches(key, list(schema.keys()), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"config.{field}: unknown key{hint}")
+        expected, value = schema[key], cfg[key]
+        if field in _FREE_KEY_SCHEMAS:
+            if not isinstance(value, (dict, ml_collections.ConfigDict)):
+                raise ConfigError(f"config.{field}: expected a dict of groups, got {type(value).__name__}")
+            for name in value.keys():
+                _check_keys(_FREE_KEY_SCHEMAS[field], value[name], f"{field}.{name}")
+                missing = set(_FREE_KEY_SCHEMAS[field]) - set(value[name].keys())
+                if missing:
+                    raise ConfigError(f"config.{field}.{name}: missing {sorted(missing)}")
+        elif isinstance(expected, (dict, ml_collections.ConfigDict)):
+            if not isinstance(value, (dict, ml_collections.ConfigDict)):
+                raise ConfigError(f"config.{field}: expected a section, got {type(value).__name__}")
+            _check_keys(expected, value, field)
+        elif not _type_ok(expected, value):
+            raise ConfigError(
+                f"config.{field}: expected {type(expected).__name__}, got {type(value).__name__} {value!r}"
+            )
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config.{field}: {message}")
+
+
+def _one_of(value: str, options: tuple[str, ...], field: str) -> None:
+    _require(value in options, field, f"{value!r} is not one of {list(options)}")
+
+
+def block_names(model_cfg) -> list[str]:
+    """The block name of every layer: the pattern cycled over num_layers."""
+    pattern = [name.strip() for name in model_cfg.block_pattern.split(",") if name.strip()]
+    return [pattern[i % len(pattern)] for i in range(model_cfg.num_layers)] if pattern else []
+
+
+def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Raises ConfigError naming the first field that cannot work."""
+    _check_keys(base_config(), cfg, "")
+    m, t, o, d = cfg.model, cfg.train, cfg.optim, cfg.data
+
+    for field in ("d_model", "num_layers", "num_heads"):
+        _require(m[field] > 0, f"model.{field}", f"must be positive, got {m[field]}")
+    _require(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = from the tokenizer)")
+    _require(m.d_ff >= 0, "model.d_ff", "must be >= 0 (0 = auto)")
+    _require(
+        m.d_model % m.num_heads == 0,
+        "model.num_heads",
+        f"{m.num_heads} heads do not divide model.d_model={m.d_model}",
+    )
+    _require((m.d_model // m.num_heads) % 2 == 0, "model.num_heads", "head dim must be even for RoPE")
+    _one_of(m.dtype, COMPUTE_DTYPES, "model.dtype")
+    names = block_names(m)
+    _require(bool(names), "model.block_pattern", "is empty")
+    for name in names:
+        _require(
+            name in registry.BLOCKS,
+            "model.block_pattern",
+            f"unknown block {name!r}; registered: {sorted(registry.BLOCKS)}",
+        )
+    for name in sorted(set(names)):
+        registry.BLOCKS[name].validate(cfg, _require)
+
+    for field in ("seq_len", "batch_size", "grad_accum_steps", "steps", "log_every", "eval_every"):
+        _require(t[field] > 0, f"train.{field}", f"must be positive, got {t[field]}")
+    for field in ("eval_batches", "checkpoint_every", "keep_checkpoints", "stop_at_step"):
+        _require(t[field] >= 0, f"train.{field}", f"must be >= 0, got {t[field]}")
+    _require(
+        t.batch_size % t.grad_accum_steps == 0,
+        "train.grad_accum_steps",
+        f"{t.grad_accum_steps} does not divide train.batch_size={t.batch_size}",
+    )
+    if num_devices:
+        micro = t.batch_size // t.grad_accum_steps
+        _require(
+            micro % num_devices == 0,
+            "train.batch_size",
+            f"micro-batch {micro} (batch_size / grad_accum_steps) is not divisible by {num_devices} devices",
+        )
+
+    _require(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
+    _one_of(o.schedule, SCHEDULES, "optim.schedule")
+    _require(
+        0 <= o.warmup_steps <= t.steps,
+        "optim.warmup_steps",
+        f"{o.warmup_steps} must lie in [0, train.steps={t.steps}]",
+    )
+    _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must lie in [0, 1]")
+    _require(0.0 <= o.b1 < 1.0 and 0.0 <= o.b2 < 1.0, "optim.b1", "Adam betas must lie in [0, 1)")
+    _require(o.weight_decay >= 0 and o.clip_norm >= 0, "optim.weight_decay", "weight decay and clip_norm must be >= 0")
+    for name, group in o.groups.items():
+        _require(group.lr_mult >= 0, f"optim.groups.{name}.lr_mult", "must be >= 0")
+        try:
+            re.compile(group.pattern)
+        except re.error as err:
+            raise ConfigError(f"config.optim.groups.{name}.pattern: invalid regex ({err})") from None
+
+    _one_of(d.source, DATA_SOURCES, "data.source")
+    _one_of(d.tokenizer, TOKENIZERS, "data.tokenizer")
+    _require(
+        d.source == "stdlib" or bool(d.paths.strip()),
+        "data.paths",
+        f"data.source={d.source!r} needs data.paths (comma-separated globs)",
+    )
+    _require(0.0 < d.val_fraction < 1.0 or bool(d.val_paths), "data.val_fraction", "must lie in (0, 1)")
+    _require(d.bpe_vocab_size >= 260, "data.bpe_vocab_size", "must be >= 260 (bytes + specials)")
+    _require(d.prefetch >= 0, "data.prefetch", "must be >= 0")
+
+
+def resolve_vocab_size(model_cfg, tokenizer_vocab: int) -> int:
+    """The embedding size: the config's, or the tokenizer's rounded up to a multiple of 8."""
+    if model_cfg.vocab_size == 0:
+        return -(-tokenizer_vocab // 8) * 8
+    if model_cfg.vocab_size < tokenizer_vocab:
+        raise ConfigError(
+            f"config.model.vocab_size: {model_cfg.vocab_size} is smaller than the tokenizer's "
+            f"vocabulary ({tokenizer_vocab}); set 0 to size it from the tokenizer"
+        )
+    return model_cfg.vocab_size

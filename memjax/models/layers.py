@@ -1,0 +1,105 @@
+"""Shared layers: dense projections, embeddings, RMSNorm, RoPE, SwiGLU and masked attention.
+
+Parameters are float32 `nnx.Param`s carrying `logical_axes` metadata (one name per dimension) that the
+sharding rules map onto mesh axes. Matmuls run in the compute dtype given at construction.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, axes: tuple[str, ...]) -> nnx.Param:
+    assert len(shape) == len(axes), (shape, axes)
+    value = std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32)
+    return nnx.Param(value, logical_axes=axes)
+
+
+class Dense(nnx.Module):
+    """y = x @ W over the trailing input dims; W has shape in_shape + out_shape."""
+
+    def __init__(self, in_shape, out_shape, axes, *, std, dtype, rngs):
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+        self.kernel = param(rngs, self.in_shape + self.out_shape, std, tuple(axes))
+        self.dtype = dtype
+
+    def __call__(self, x):
+        n_in = len(self.in_shape)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        kernel = self.kernel[...].astype(self.dtype)
+        return jax.lax.dot_general(x.astype(self.dtype), kernel, (contract, ((), ())))
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab_size, d_model, *, std, dtype, rngs):
+        self.embedding = param(rngs, (vocab_size, d_model), std, ("vocab", "embed"))
+        self.dtype = dtype
+
+    def __call__(self, ids_BxT):
+        return jnp.take(self.embedding[...], ids_BxT, axis=0).astype(self.dtype)
+
+    def attend(self, x_BxTxD):
+        """Logits against the embedding table (tied output head), in float32."""
+        return jnp.einsum("btd,vd->btv", x_BxTxD, self.embedding[...].astype(x_BxTxD.dtype)).astype(jnp.float32)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim, *, eps, dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=("embed",))
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x):
+        # Statistics in float32 whatever the compute dtype: bf16 sums of squares lose too much.
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * self.scale[...]).astype(self.dtype)
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, d_model, d_ff, *, std, out_std, dtype, rngs):
+        self.gate = Dense((d_model,), (d_ff,), ("embed", "mlp"), std=std, dtype=dtype, rngs=rngs)
+        self.up = Dense((d_model,), (d_ff,), ("embed", "mlp"), std=std, dtype=dtype, rngs=rngs)
+        self.down = Dense((d_ff,), (d_model,), ("mlp", "embed"), std=out_std, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+def swiglu_width(d_model: int, d_ff: int) -> int:
+    """d_ff, or 8/3 d_model rounded up to a multiple of 64 (same parameters as a 4x GELU MLP)."""
+    return d_ff or -(-int(8 * d_model / 3) // 64) * 64
+
+
+def rope(x_BxTxHxK, positions_BxT, base: float):
+    """Rotary position embedding (rotate-half form), computed in float32."""
+    half = x_BxTxHxK.shape[-1] // 2
+    inv_freq_K2 = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle_BxTxK2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq_K2
+    sin, cos = jnp.sin(angle_BxTxK2)[:, :, None, :], jnp.cos(angle_BxTxK2)[:, :, None, :]
+    x1, x2 = jnp.split(x_BxTxHxK.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxHxK.dtype)
+
+
+def attention_mask(q_pos_BxT, k_pos_BxS, window: int, k_valid_BxS=None):
+    """True where query t may attend key s: causal, and within `window` tokens (itself included)."""
+    delta_BxTxS = q_pos_BxT[:, :, None] - k_pos_BxS[:, None, :]
+    mask = delta_BxTxS >= 0
+    if window > 0:
+        mask &= delta_BxTxS < window
+    if k_valid_BxS is not None:
+        mask &= k_valid_BxS[:, None, :]
+    return mask
+
+
+def attend(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS):
+    """Softmax attention with float32 scores; a fully masked row returns zeros."""
+    scale = 1.0 / math.sqrt(q_BxTxHxK.shape[-1])
+    scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK).astype(jnp.float32) * scale
+    scores_BxHxTxS = jnp.where(mask_BxTxS[:, None], scores_BxHxTxS, -1e30)
+    probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1) * mask_BxTxS[:, None]
+    return jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS.astype(v_BxSxHxK.dtype), v_BxSxHxK)

@@ -1,0 +1,80 @@
+"""The decoder language model: embeddings, a stack of registry blocks, final norm, output head."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from memjax.config import block_names
+from memjax.models import layers, registry
+
+
+class DecoderLM(nnx.Module):
+    def __init__(self, model_cfg, vocab_size: int, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(model_cfg.dtype)
+        blocks = registry.load()
+        self.embed = layers.Embed(vocab_size, model_cfg.d_model, std=model_cfg.init_std, dtype=dtype, rngs=rngs)
+        self.blocks = nnx.List(
+            [blocks[name](model_cfg, i, rngs=rngs) for i, name in enumerate(block_names(model_cfg))]
+        )
+        self.final_norm = layers.RMSNorm(model_cfg.d_model, eps=model_cfg.norm_eps, dtype=dtype)
+        self.head = nnx.data(
+            None
+            if model_cfg.tie_embeddings
+            else layers.Dense(
+                (model_cfg.d_model,), (vocab_size,), ("embed", "vocab"), std=model_cfg.init_std, dtype=dtype, rngs=rngs
+            )
+        )
+
+    def init_states(self, batch_size: int, max_len: int) -> list:
+        """Per-block state before the first token of a sequence (for decoding / carried memory)."""
+        dtype = self.embed.dtype
+        return [block.init_state(batch_size, max_len, dtype) for block in self.blocks]
+
+    def __call__(self, ids_BxT, states=None):
+        """float32 logits [B, T, V] and the blocks' new states (None in, None out)."""
+        x_BxTxD = self.embed(ids_BxT)
+        new_states = []
+        for i, block in enumerate(self.blocks):
+            x_BxTxD, state = block(x_BxTxD, None if states is None else states[i])
+            new_states.append(state)
+        x_BxTxD = self.final_norm(x_BxTxD)
+        logits_BxTxV = self.embed.attend(x_BxTxD) if self.head is None else self.head(x_BxTxD).astype(jnp.float32)
+        return logits_BxTxV, (None if states is None else new_states)
+
+
+def build(model_cfg, vocab_size: int, key) -> tuple[nnx.GraphDef, dict]:
+    """The model's graph definition and its parameters as a pure dict of float32 arrays."""
+    model = DecoderLM(model_cfg, vocab_size, rngs=nnx.Rngs(params=key))
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, nnx.to_pure_dict(params)
+
+
+def abstract(model_cfg, vocab_size: int) -> tuple[nnx.GraphDef, dict]:
+    """Like `build`, with jax.ShapeDtypeStruct leaves: nothing is allocated."""
+    out = {}
+
+    def params_only(key):
+        graphdef, params = build(model_cfg, vocab_size, key)
+        out["graphdef"] = graphdef
+        return params
+
+    shapes = jax.eval_shape(params_only, jax.random.key(0))
+    return out["graphdef"], shapes
+
+
+def count_params(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+def flops_per_token(model_cfg, vocab_size: int, seq_len: int) -> float:
+    """Analytic training FLOPs per token: 6 x matmul parameters + each block's own term."""
+    _, params = abstract(model_cfg, vocab_size)
+    matmul_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params) if len(x.shape) >= 2)
+    if not model_cfg.tie_embeddings:
+        matmul_params -= vocab_size * model_cfg.d_model  # the input embedding is a lookup, not a matmul
+    blocks = registry.load()
+    extra = sum(blocks[name].flops_per_token(model_cfg, seq_len) for name in block_names(model_cfg))
+    return 6.0 * matmul_params + extra

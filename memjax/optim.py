@@ -1,0 +1,66 @@
+"""AdamW with a schedule, global-norm clipping, a weight-decay mask and parameter groups.
+
+Every parameter belongs to one group: the first `optim.groups` entry whose regex matches its path
+("blocks/0/mlp/up/kernel"), else "default". A group has its own learning-rate multiplier and weight
+decay. Weight decay only ever applies to matrices (ndim >= 2): norms' scales and biases are never decayed.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import optax
+
+DEFAULT_GROUP = "default"
+
+
+def path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+    peak, warmup = optim_cfg.lr, optim_cfg.warmup_steps
+    floor = peak * optim_cfg.min_lr_ratio
+    decay_steps = max(total_steps - warmup, 1)
+    if optim_cfg.schedule == "cosine":
+        after = optax.cosine_decay_schedule(peak, decay_steps, alpha=optim_cfg.min_lr_ratio)
+    elif optim_cfg.schedule == "linear":
+        after = optax.linear_schedule(peak, floor, decay_steps)
+    else:
+        after = optax.constant_schedule(peak)
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def group_labels(optim_cfg, params) -> dict:
+    """The group name of every parameter leaf (same tree structure as params)."""
+    patterns = [(name, re.compile(group.pattern)) for name, group in optim_cfg.groups.items()]
+
+    def label(path, _):
+        name = path_str(path)
+        return next((group for group, regex in patterns if regex.search(name)), DEFAULT_GROUP)
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make(optim_cfg, params, total_steps: int) -> optax.GradientTransformation:
+    lr = schedule(optim_cfg, total_steps)
+    settings = {DEFAULT_GROUP: (1.0, optim_cfg.weight_decay)}
+    settings.update({name: (g.lr_mult, g.weight_decay) for name, g in optim_cfg.groups.items()})
+
+    def decay_mask(tree):
+        return jax.tree_util.tree_map(lambda x: x.ndim >= 2, tree)
+
+    def group_tx(lr_mult: float, weight_decay: float) -> optax.GradientTransformation:
+        return optax.chain(
+            optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps),
+            optax.add_decayed_weights(weight_decay, mask=decay_mask),
+            optax.scale_by_learning_rate(lambda step: lr(step) * lr_mult),
+        )
+
+    transforms = {name: group_tx(*s) for name, s in settings.items()}
+    chain = [optax.clip_by_global_norm(optim_cfg.clip_norm)] if optim_cfg.clip_norm > 0 else []
+    chain.append(optax.multi_transform(transforms, group_labels(optim_cfg, params)))
+    return optax.chain(*chain)

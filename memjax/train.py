@@ -1,0 +1,27 @@
+"""`python -m memjax.train --config configs/quickstart.py --workdir runs/quick [--config.a.b=v ...]`"""
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from memjax import config, trainer
+from memjax.data import DataError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, tensorboard, metrics.jsonl.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        trainer.train(_CONFIG.value, _WORKDIR.value)
+    except (config.ConfigError, DataError) as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    app.run(main)

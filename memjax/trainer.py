@@ -1,0 +1,225 @@
+"""The training loop: build, resume, step, evaluate, log, checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from memjax import checkpoint, config, flops, metrics, optim
+from memjax.data import get_tokenizer, make_lm_iterator
+from memjax.models import lm
+
+log = logging.getLogger("memjax")
+
+
+@dataclass
+class Run:
+    """Everything a run builds from its config before the first step."""
+
+    cfg: object
+    tokenizer: object
+    vocab_size: int
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    lr_schedule: optax.Schedule
+
+
+def setup(cfg, workdir: str | None, tokenizer=None) -> Run:
+    """Validates the config, loads the tokenizer (unless given) and builds the abstract model and optimizer."""
+    config.validate(cfg)
+    tokenizer = tokenizer or get_tokenizer(cfg.data, workdir)
+    vocab_size = config.resolve_vocab_size(cfg.model, tokenizer.vocab_size)
+    graphdef, abstract_params = lm.abstract(cfg.model, vocab_size)
+    tx = optim.make(cfg.optim, abstract_params, cfg.train.steps)
+    return Run(cfg, tokenizer, vocab_size, graphdef, tx, optim.schedule(cfg.optim, cfg.train.steps))
+
+
+def init_state(run: Run, params=None) -> dict:
+    key = jax.random.key(run.cfg.seed)
+    if params is None:
+        _, params = lm.build(run.cfg.model, run.vocab_size, key)
+    return {
+        "params": params,
+        "opt_state": run.tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.key_data(key),
+    }
+
+
+def abstract_state(run: Run) -> dict:
+    return jax.eval_shape(lambda: init_state(run))
+
+
+def loss_sums(graphdef, params, batch, token_bytes):
+    """Summed cross-entropy (nats), token count and byte count of the targets."""
+    logits_BxTxV, _ = nnx.merge(graphdef, params)(batch["inputs"])
+    nats_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"])
+    return nats_BxT.sum(), nats_BxT.size, jnp.take(token_bytes, batch["targets"]).sum()
+
+
+def make_train_step(run: Run):
+    accum = run.cfg.train.grad_accum_steps
+
+    def mean_loss(params, batch):
+        logits_BxTxV, _ = nnx.merge(run.graphdef, params)(batch["inputs"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"]).mean()
+
+    grad_fn = jax.value_and_grad(mean_loss)
+
+    def train_step(state, batch):
+        if accum == 1:
+            loss, grads = grad_fn(state["params"], batch)
+        else:
+            micro = jax.tree_util.tree_map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
+
+            def add_micro(carry, micro_batch):
+                loss_i, grads_i = grad_fn(state["params"], micro_batch)
+                return jax.tree_util.tree_map(jnp.add, carry, (loss_i, grads_i)), None
+
+            zeros = (jnp.zeros(()), jax.tree_util.tree_map(jnp.zeros_like, state["params"]))
+            (loss, grads), _ = jax.lax.scan(add_micro, zeros, micro)
+            loss, grads = jax.tree_util.tree_map(lambda x: x / accum, (loss, grads))
+        updates, opt_state = run.tx.update(grads, state["opt_state"], state["params"])
+        new_state = {
+            **state,
+            "params": optax.apply_updates(state["params"], updates),
+            "opt_state": opt_state,
+            "step": state["step"] + 1,
+        }
+        stats = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": run.lr_schedule(state["step"])}
+        return new_state, stats
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def evaluate(eval_fn, params, batches) -> dict[str, float]:
+    nats = tokens = n_bytes = 0.0
+    for batch in batches:
+        s_nats, s_tokens, s_bytes = eval_fn(params, batch)
+        nats, tokens, n_bytes = nats + float(s_nats), tokens + float(s_tokens), n_bytes + float(s_bytes)
+    loss = nats / tokens
+    return {
+        "eval/loss": loss,
+        "eval/bits_per_byte": nats / math.log(2) / max(n_bytes, 1.0),
+        "eval/perplexity": math.exp(min(loss, 50.0)),
+    }
+
+
+def _eval_batches(run: Run, shard_index: int, shard_count: int) -> list[dict]:
+    t = run.cfg.train
+    iterator = make_lm_iterator(
+        run.cfg.data, run.tokenizer, "validation", seq_len=t.seq_len, batch_size=t.batch_size // shard_count,
+        seed=run.cfg.seed, shard_index=shard_index, shard_count=shard_count, shuffle=False, repeat=False,
+    )
+    batches = []
+    for batch in iterator:
+        if len(batches) == t.eval_batches:
+            break
+        batches.append(batch)
+    if t.eval_batches and not batches:
+        raise config.ConfigError(
+            "config.train.eval_batches: the validation split holds less than one batch "
+            f"({t.batch_size} x {t.seq_len + 1} tokens); raise data.val_fraction, set data.val_paths, or set 0"
+        )
+    return batches
+
+
+def train(cfg, workdir: str) -> dict[str, float]:
+    """Trains (resuming from `workdir` if it holds checkpoints); returns the last logged metrics."""
+    run = setup(cfg, workdir)
+    os.makedirs(workdir, exist_ok=True)
+    t = cfg.train
+    shard_index, shard_count = jax.process_index(), jax.process_count()
+    train_iter = make_lm_iterator(
+        cfg.data, run.tokenizer, "train", seq_len=t.seq_len, batch_size=t.batch_size // shard_count,
+        seed=cfg.seed, shard_index=shard_index, shard_count=shard_count,
+    )
+    eval_batches = _eval_batches(run, shard_index, shard_count)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(cfg.to_json(indent=2))
+
+    ckpt = checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoint)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state = ckpt.restore(latest, abstract_state(run), train_iter)
+        log.info("resumed from %s at step %d", checkpoint.directory(workdir), latest)
+    elif t.init_from:
+        params, source_step = checkpoint.load_params(t.init_from, lm.abstract(cfg.model, run.vocab_size)[1])
+        state = init_state(run, params)
+        log.info("initialised parameters from %s (step %d)", t.init_from, source_step)
+    else:
+        state = init_state(run)
+
+    n_params = lm.count_params(state["params"])
+    flops_per_token = lm.flops_per_token(cfg.model, run.vocab_size, t.seq_len)
+    peak, peak_source = flops.device_peak(cfg.model.dtype)
+    peak *= jax.device_count()
+    log.info("model: %s parameters, %.3g FLOPs/token; peak %.3g FLOP/s (%s)", f"{n_params:,}", flops_per_token, peak, peak_source)
+
+    train_step = make_train_step(run)
+    token_bytes = jnp.asarray(run.tokenizer.token_bytes, jnp.float32)
+    token_bytes = jnp.pad(token_bytes, (0, run.vocab_size - token_bytes.shape[0]))
+    eval_fn = jax.jit(lambda params, batch: loss_sums(run.graphdef, params, batch, token_bytes))
+    writer = metrics.MetricsWriter(workdir)
+    tokens_per_step = t.batch_size * t.seq_len
+    last_stop = min(t.stop_at_step or t.steps, t.steps)
+
+    step = int(state["step"])
+    bar = tqdm(total=t.steps, initial=step, unit="step", dynamic_ncols=True, disable=not t.progress_bar)
+    pending, interval_start, last = [], time.perf_counter(), {}
+    while step < last_stop:
+        batch = next(train_iter)
+        state, stats = train_step(state, batch)
+        step += 1
+        pending.append(stats)
+        bar.update(1)
+        if step % t.log_every == 0 or step == last_stop:
+            stacked = jax.device_get(pending)
+            elapsed = time.perf_counter() - interval_start
+            tokens_per_sec = len(pending) * tokens_per_step / elapsed
+            last = {
+                "learning/loss": float(np.mean([s["loss"] for s in stacked])),
+                "learning/grad_norm": float(np.mean([s["grad_norm"] for s in stacked])),
+                "learning/lr": float(stacked[-1]["lr"]),
+                "perf/tokens_per_sec": tokens_per_sec,
+                "perf/step_time": elapsed / len(pending),
+                "perf/mfu": tokens_per_sec * flops_per_token / peak,
+            }
+            writer.write(step, last)
+            bar.set_postfix(loss=f"{last['learning/loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}")
+            pending, interval_start = [], time.perf_counter()
+        if eval_batches and (step % t.eval_every == 0 or step == t.steps):
+            eval_metrics = evaluate(eval_fn, state["params"], eval_batches)
+            writer.write(step, eval_metrics)
+            last.update(eval_metrics)
+            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+            interval_start = time.perf_counter()  # keep eval time out of tokens/s
+        if step == last_stop or (t.checkpoint_every and step % t.checkpoint_every == 0):
+            ckpt.save(step, state, train_iter)
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    if step < t.steps:
+        log.info("stopped at step %d of %d (train.stop_at_step); the next launch resumes", step, t.steps)
+    return last
+
+
+def load_config(workdir: str):
+    """The config a run in `workdir` was trained with."""
+    import ml_collections
+
+    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+        return ml_collections.ConfigDict(json.load(f))

@@ -1,0 +1,30 @@
+"""Tiny seeded configs shared by the tests."""
+
+from memjax.config import base_config
+
+
+def tiny_config(**overrides):
+    cfg = base_config()
+    cfg.model.d_model = 32
+    cfg.model.num_layers = 2
+    cfg.model.num_heads = 2
+    cfg.model.swa.window = 8
+    cfg.train.seq_len = 32
+    cfg.train.batch_size = 4
+    cfg.train.steps = 30
+    cfg.train.log_every = 5
+    cfg.train.eval_every = 15
+    cfg.train.eval_batches = 2
+    cfg.train.checkpoint_every = 10
+    cfg.train.progress_bar = False
+    cfg.train.async_checkpoint = False
+    cfg.optim.warmup_steps = 5
+    cfg.optim.lr = 1e-2
+    cfg.data.prefetch = 0
+    for key, value in overrides.items():
+        section, name = key.split(".", 1) if "." in key else (None, key)
+        target = cfg if section is None else cfg[section]
+        for part in name.split(".")[:-1]:
+            target = target[part]
+        target[name.split(".")[-1]] = value
+    return cfg
