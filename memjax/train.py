@@ -4,6 +4,7 @@ import logging
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from memjax import config, trainer
@@ -16,7 +17,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # orbax and grain log every checkpoint step at INFO through absl; keep the console for our messages.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("memjax").setLevel(logging.INFO)
     try:
         trainer.train(_CONFIG.value, _WORKDIR.value)
     except (config.ConfigError, DataError) as err:

@@ -1,0 +1,16 @@
+"""Data: document sources, tokenizers and the packed language-model input pipeline."""
+
+from memjax.data.pipeline import make_lm_iterator
+from memjax.data.sources import DataError, build_source, split_of
+from memjax.data.tokenizers import BPETokenizer, ByteTokenizer, Tokenizer, get_tokenizer
+
+__all__ = [
+    "DataError",
+    "ByteTokenizer",
+    "BPETokenizer",
+    "Tokenizer",
+    "get_tokenizer",
+    "build_source",
+    "make_lm_iterator",
+    "split_of",
+]
