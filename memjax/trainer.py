@@ -38,6 +38,8 @@ class Run:
 def setup(cfg, workdir: str | None, tokenizer=None) -> Run:
     """Validates the config, loads the tokenizer (unless given) and builds the abstract model and optimizer."""
     config.validate(cfg)
+    if workdir:
+        os.makedirs(workdir, exist_ok=True)  # a BPE tokenizer trained here is saved into it
     tokenizer = tokenizer or get_tokenizer(cfg.data, workdir)
     vocab_size = config.resolve_vocab_size(cfg.model, tokenizer.vocab_size)
     graphdef, abstract_params = lm.abstract(cfg.model, vocab_size)
@@ -138,7 +140,6 @@ def _eval_batches(run: Run, shard_index: int, shard_count: int) -> list[dict]:
 def train(cfg, workdir: str) -> dict[str, float]:
     """Trains (resuming from `workdir` if it holds checkpoints); returns the last logged metrics."""
     run = setup(cfg, workdir)
-    os.makedirs(workdir, exist_ok=True)
     t = cfg.train
     shard_index, shard_count = jax.process_index(), jax.process_count()
     train_iter = make_lm_iterator(

@@ -109,3 +109,30 @@ def test_sampling_from_a_checkpoint(trained):
     assert len(samples) == 3 and len(set(samples)) > 1
     assert sample_text(str(workdir), "def ", max_new_tokens=12, temperature=1.0, seed=4) == \
         sample_text(str(workdir), "def ", max_new_tokens=12, temperature=1.0, seed=4)
+
+
+def test_bpe_run_trains_its_tokenizer_into_the_workdir_and_samples_with_it(tmp_path):
+    cfg = tiny_config(**{"data.tokenizer": "bpe", "data.bpe_vocab_size": 320, "data.bpe_train_bytes": 300_000,
+                         "train.steps": 4, "train.eval_every": 4, "train.checkpoint_every": 4,
+                         "optim.warmup_steps": 2})
+    result = trainer.train(cfg, str(tmp_path))
+    assert (tmp_path / "tokenizer.json").is_file()
+    # A BPE token covers several bytes, so bits per byte are well below bits per token.
+    assert result["eval/bits_per_byte"] < 0.95 * result["eval/loss"] / np.log(2)
+    text = sample_text(str(tmp_path), "import ", max_new_tokens=5)[0]
+    assert isinstance(text, str)
+
+
+def test_command_line_reports_a_bad_config_before_doing_anything(tmp_path):
+    import subprocess
+    import sys
+
+    workdir = tmp_path / "never"
+    proc = subprocess.run(
+        [sys.executable, "-m", "memjax.train", "--config", "configs/quickstart.py", "--workdir", str(workdir),
+         "--config.model.num_heads=3"],
+        capture_output=True, text=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]), timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "config.model.num_heads: 3 heads do not divide model.d_model=128" in proc.stderr
+    assert not workdir.exists()
