@@ -8,6 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 from absl import app, flags
+from absl import logging as absl_logging
 
 from memjax import checkpoint, config, trainer
 from memjax.data import get_tokenizer
@@ -43,6 +44,7 @@ def sample_text(workdir: str, prompt: str, *, max_new_tokens: int, temperature: 
 
 def main(argv):
     del argv
+    absl_logging.set_verbosity(absl_logging.WARNING)
     try:
         texts = sample_text(_WORKDIR.value, _PROMPT.value, max_new_tokens=_MAX_NEW.value,
                             temperature=_TEMPERATURE.value, top_k=_TOP_K.value, num_samples=_NUM.value,

@@ -17,7 +17,7 @@ from memjax.models.registry import register
 class AttentionLayer(nnx.Module):
     defaults: dict = {}
 
-    def __init__(self, cfg, layer_index: int, *, rngs: nnx.Rngs):
+    def __init__(self, cfg, layer_index: int, *, shared=None, rngs: nnx.Rngs):
         d, h = cfg.d_model, cfg.num_heads
         k = d // h
         dtype = jnp.dtype(cfg.dtype)
@@ -35,6 +35,10 @@ class AttentionLayer(nnx.Module):
     @classmethod
     def window_of(cls, cfg) -> int:
         return 0
+
+    @classmethod
+    def make_shared(cls, cfg, *, rngs):
+        return None
 
     def init_state(self, batch_size: int, max_len: int, dtype):
         shape = (batch_size, max_len, self.num_heads, self.head_dim)

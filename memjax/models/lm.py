@@ -16,8 +16,12 @@ class DecoderLM(nnx.Module):
         dtype = jnp.dtype(model_cfg.dtype)
         blocks = registry.load()
         self.embed = layers.Embed(vocab_size, model_cfg.d_model, std=model_cfg.init_std, dtype=dtype, rngs=rngs)
+        names = block_names(model_cfg)
+        # One shared module per block kind that asks for one (e.g. a value table used by all memory
+        # layers): NNX keeps a single parameter however many blocks hold it, and sums its gradients.
+        self.shared = nnx.Dict({name: blocks[name].make_shared(model_cfg, rngs=rngs) for name in sorted(set(names))})
         self.blocks = nnx.List(
-            [blocks[name](model_cfg, i, rngs=rngs) for i, name in enumerate(block_names(model_cfg))]
+            [blocks[name](model_cfg, i, shared=self.shared[name], rngs=rngs) for i, name in enumerate(names)]
         )
         self.final_norm = layers.RMSNorm(model_cfg.d_model, eps=model_cfg.norm_eps, dtype=dtype)
         self.head = nnx.data(

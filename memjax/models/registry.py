@@ -1,11 +1,14 @@
 """Registry of layer blocks, keyed by the names used in `model.block_pattern`.
 
-A block is an `nnx.Module` that is a whole residual layer, built as `Block(cfg, layer_index, rngs=...)`,
+A block is an `nnx.Module` that is a whole residual layer, built as
+`Block(model_cfg, layer_index, shared=..., rngs=...)`,
 called as `x_BxTxD, state = block(x_BxTxD, state)`. `state` is whatever the block carries between calls
 (a KV cache, a memory's weights); `None` in training on independent sequences. Class attributes and
 methods every block provides:
 
 - `defaults`: dict of the block's own settings, placed at `config.model.<name>` (may be empty).
+- `make_shared(model_cfg, rngs=...)`: classmethod; a module built once per model and handed to every
+  block of this kind as `shared` (parameters shared across layers), or None.
 - `init_state(batch_size, max_len, dtype)`: the state before the first call of a sequence.
 - `validate(cfg, require)`: classmethod; `require(ok, field, message)` for impossible combinations.
 - `flops_per_token(cfg, seq_len)`: classmethod; forward+backward FLOPs per token that are not
