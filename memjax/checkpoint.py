@@ -8,6 +8,7 @@ when complete, so an interrupted save never looks like a checkpoint.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import grain
@@ -15,6 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 
 ITEMS = ("params", "train", "data")
+log = logging.getLogger("memjax")
 
 
 def directory(workdir: str) -> str:
@@ -28,8 +30,11 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=not read_only,
             read_only=read_only,
+            # A save killed midway leaves only a *.orbax-checkpoint-tmp directory, never a step: remove it.
+            cleanup_tmp_directories=not read_only,
         )
-        self.manager = ocp.CheckpointManager(directory(workdir), options=options, item_names=ITEMS)
+        self.directory = directory(workdir)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -57,6 +62,28 @@ class Checkpointer:
             ),
         )
         return {"params": restored["params"], **restored["train"]}
+
+    def restore_latest(self, abstract_state: dict, data_iterator) -> tuple[dict, int] | None:
+        """(state, step) of the newest checkpoint that restores, or None if there is none.
+
+        A checkpoint that fails to restore (truncated or deleted files) is renamed `<step>.corrupt`, with
+        a warning, and the previous one is tried.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                restored = self.restore(step, abstract_state, data_iterator)
+            except Exception as err:  # orbax/tensorstore raise many kinds; any of them means unusable
+                aside = os.path.join(self.directory, f"{step}.corrupt")
+                os.replace(os.path.join(self.directory, str(step)), aside)
+                self.manager.reload()  # forget the step, so training can save it again
+                log.warning("checkpoint at step %d cannot be restored (%s: %s); moved it to %s and trying the "
+                            "previous one", step, type(err).__name__, str(err).splitlines()[0][:200], aside)
+                continue
+            return restored, step
+        if steps:
+            raise RuntimeError(f"none of the checkpoints {steps} under {self.directory} can be restored")
+        return None
 
     def restore_params(self, step: int, abstract_params: dict) -> dict:
         restored = self.manager.restore(

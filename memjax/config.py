@@ -24,6 +24,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "linear", "constant")
 DATA_SOURCES = ("stdlib", "text", "jsonl", "arrayrecord")
 TOKENIZERS = ("byte", "bpe")
+NONFINITE_POLICIES = ("halt", "skip")
 
 # Keys under these paths are free names (e.g. parameter groups); each value follows the sub-schema.
 _FREE_KEY_SCHEMAS = {
@@ -65,6 +66,11 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.train.async_checkpoint = True
     cfg.train.init_from = ""  # workdir of another run: start from its latest parameters
     cfg.train.progress_bar = True
+    # Non-finite loss or gradient norm: the update is never applied; "halt" stops the run with an error
+    # naming the step, "skip" goes on and fails once more than `max_skipped_steps` steps were skipped.
+    cfg.train.nonfinite = "halt"
+    cfg.train.max_skipped_steps = 10
+    cfg.train.inject_nan_at_step = 0  # fault-injection drill: make this step's loss NaN (0 = off)
 
     cfg.optim = ml_collections.ConfigDict()
     cfg.optim.lr = 3e-3
@@ -176,7 +182,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
 
     for field in ("seq_len", "batch_size", "grad_accum_steps", "steps", "log_every", "eval_every"):
         _require(t[field] > 0, f"train.{field}", f"must be positive, got {t[field]}")
-    for field in ("eval_batches", "checkpoint_every", "keep_checkpoints", "stop_at_step"):
+    _one_of(t.nonfinite, NONFINITE_POLICIES, "train.nonfinite")
+    for field in ("eval_batches", "checkpoint_every", "keep_checkpoints", "stop_at_step", "max_skipped_steps",
+                  "inject_nan_at_step"):
         _require(t[field] >= 0, f"train.{field}", f"must be >= 0, got {t[field]}")
     _require(
         t.batch_size % t.grad_accum_steps == 0,

@@ -7,7 +7,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from memjax import config, trainer
+from memjax import config, reliability, trainer
 from memjax.data import DataError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
@@ -22,7 +22,7 @@ def main(argv):
     logging.getLogger("memjax").setLevel(logging.INFO)
     try:
         trainer.train(_CONFIG.value, _WORKDIR.value)
-    except (config.ConfigError, DataError) as err:
+    except (config.ConfigError, DataError, reliability.NonFiniteError) as err:
         sys.exit(f"error: {err}")
 
 

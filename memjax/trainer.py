@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from memjax import checkpoint, config, flops, metrics, optim
+from memjax import checkpoint, config, flops, metrics, optim, reliability
 from memjax.data import get_tokenizer, make_lm_iterator
 from memjax.models import lm
 
@@ -39,9 +39,13 @@ def setup(cfg, workdir: str | None, tokenizer=None) -> Run:
     """Validates the config, loads the tokenizer (unless given) and builds the abstract model and optimizer."""
     config.validate(cfg)
     if workdir:
-        os.makedirs(workdir, exist_ok=True)  # a BPE tokenizer trained here is saved into it
+        reliability.check_resume_config(workdir, cfg)
+        if cfg.data.tokenizer == "bpe" and not cfg.data.tokenizer_path:
+            os.makedirs(workdir, exist_ok=True)  # the BPE tokenizer trained here is saved into it
     tokenizer = tokenizer or get_tokenizer(cfg.data, workdir)
     vocab_size = config.resolve_vocab_size(cfg.model, tokenizer.vocab_size)
+    if workdir:
+        reliability.check_resume_tokenizer(workdir, vocab_size, tokenizer)
     graphdef, abstract_params = lm.abstract(cfg.model, vocab_size)
     tx = optim.make(cfg.optim, abstract_params, cfg.train.steps)
     return Run(cfg, tokenizer, vocab_size, graphdef, tx, optim.schedule(cfg.optim, cfg.train.steps))
@@ -56,6 +60,7 @@ def init_state(run: Run, params=None) -> dict:
         "opt_state": run.tx.init(params),
         "step": jnp.zeros((), jnp.int32),
         "rng": jax.random.key_data(key),
+        "nonfinite": reliability.initial_guard_state(),
     }
 
 
@@ -71,35 +76,43 @@ def loss_sums(graphdef, params, batch, token_bytes):
 
 
 def make_train_step(run: Run):
-    accum = run.cfg.train.grad_accum_steps
+    t = run.cfg.train
+    accum = t.grad_accum_steps
 
-    def mean_loss(params, batch):
+    def mean_loss(params, batch, loss_scale):
         logits_BxTxV, _ = nnx.merge(run.graphdef, params)(batch["inputs"])
-        return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"]).mean()
+        return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"]).mean() * loss_scale
 
     grad_fn = jax.value_and_grad(mean_loss)
 
     def train_step(state, batch):
+        step = state["step"] + 1  # the step being taken, 1-based as logged
+        loss_scale = jnp.where(step == t.inject_nan_at_step, jnp.nan, 1.0) if t.inject_nan_at_step else 1.0
         if accum == 1:
-            loss, grads = grad_fn(state["params"], batch)
+            loss, grads = grad_fn(state["params"], batch, loss_scale)
         else:
             micro = jax.tree_util.tree_map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
 
             def add_micro(carry, micro_batch):
-                loss_i, grads_i = grad_fn(state["params"], micro_batch)
+                loss_i, grads_i = grad_fn(state["params"], micro_batch, loss_scale)
                 return jax.tree_util.tree_map(jnp.add, carry, (loss_i, grads_i)), None
 
             zeros = (jnp.zeros(()), jax.tree_util.tree_map(jnp.zeros_like, state["params"]))
             (loss, grads), _ = jax.lax.scan(add_micro, zeros, micro)
             loss, grads = jax.tree_util.tree_map(lambda x: x / accum, (loss, grads))
+        stats = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": run.lr_schedule(state["step"])}
+        apply, guard = reliability.guard_update(state["nonfinite"], step, stats, halt=t.nonfinite == "halt")
         updates, opt_state = run.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        # A non-finite step leaves parameters and optimizer moments exactly as they were.
+        keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(apply, n, o), new, old)
         new_state = {
             **state,
-            "params": optax.apply_updates(state["params"], updates),
-            "opt_state": opt_state,
-            "step": state["step"] + 1,
+            "params": keep(params, state["params"]),
+            "opt_state": keep(opt_state, state["opt_state"]),
+            "step": step,
+            "nonfinite": guard,
         }
-        stats = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": run.lr_schedule(state["step"])}
         return new_state, stats
 
     return jax.jit(train_step, donate_argnums=0)
@@ -142,19 +155,30 @@ def train(cfg, workdir: str) -> dict[str, float]:
     run = setup(cfg, workdir)
     t = cfg.train
     shard_index, shard_count = jax.process_index(), jax.process_count()
+    # Data problems surface here, before the workdir is touched.
     train_iter = make_lm_iterator(
         cfg.data, run.tokenizer, "train", seq_len=t.seq_len, batch_size=t.batch_size // shard_count,
         seed=cfg.seed, shard_index=shard_index, shard_count=shard_count,
     )
     eval_batches = _eval_batches(run, shard_index, shard_count)
+    lock = reliability.WorkdirLock(workdir)
+    try:
+        return _train_locked(run, workdir, train_iter, eval_batches)
+    finally:
+        lock.release()
+
+
+def _train_locked(run: Run, workdir: str, train_iter, eval_batches) -> dict[str, float]:
+    cfg, t = run.cfg, run.cfg.train
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             f.write(cfg.to_json(indent=2))
+        reliability.write_run_info(workdir, cfg, run.vocab_size, run.tokenizer)
 
     ckpt = checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoint)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state = ckpt.restore(latest, abstract_state(run), train_iter)
+    restored = ckpt.restore_latest(abstract_state(run), train_iter)
+    if restored is not None:
+        state, latest = restored
         log.info("resumed from %s at step %d", checkpoint.directory(workdir), latest)
     elif t.init_from:
         params, source_step = checkpoint.load_params(t.init_from, lm.abstract(cfg.model, run.vocab_size)[1])
@@ -177,45 +201,63 @@ def train(cfg, workdir: str) -> dict[str, float]:
     tokens_per_step = t.batch_size * t.seq_len
     last_stop = min(t.stop_at_step or t.steps, t.steps)
 
+    def check_nonfinite():
+        reliability.check_guard(state["nonfinite"], t.nonfinite, t.max_skipped_steps)
+
     step = int(state["step"])
     bar = tqdm(total=t.steps, initial=step, unit="step", dynamic_ncols=True, disable=not t.progress_bar)
     pending, interval_start, last = [], time.perf_counter(), {}
-    while step < last_stop:
-        batch = next(train_iter)
-        state, stats = train_step(state, batch)
-        step += 1
-        pending.append(stats)
-        bar.update(1)
-        if step % t.log_every == 0 or step == last_stop:
-            stacked = jax.device_get(pending)
-            elapsed = time.perf_counter() - interval_start
-            tokens_per_sec = len(pending) * tokens_per_step / elapsed
-            last = {
-                "learning/loss": float(np.mean([s["loss"] for s in stacked])),
-                "learning/grad_norm": float(np.mean([s["grad_norm"] for s in stacked])),
-                "learning/lr": float(stacked[-1]["lr"]),
-                "perf/tokens_per_sec": tokens_per_sec,
-                "perf/step_time": elapsed / len(pending),
-                "perf/mfu": tokens_per_sec * flops_per_token / peak,
-            }
-            writer.write(step, last)
-            bar.set_postfix(loss=f"{last['learning/loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}")
-            pending, interval_start = [], time.perf_counter()
-        if eval_batches and (step % t.eval_every == 0 or step == t.steps):
-            eval_metrics = evaluate(eval_fn, state["params"], eval_batches)
-            writer.write(step, eval_metrics)
-            last.update(eval_metrics)
-            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
-            interval_start = time.perf_counter()  # keep eval time out of tokens/s
-        if step == last_stop or (t.checkpoint_every and step % t.checkpoint_every == 0):
-            ckpt.save(step, state, train_iter)
-    bar.close()
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
-    if step < t.steps:
+    try:
+        with reliability.StopRequest() as stop_request:
+            while step < last_stop and not stop_request:
+                batch = next(train_iter)
+                state, stats = train_step(state, batch)
+                step += 1
+                pending.append(stats)
+                bar.update(1)
+                if step % t.log_every == 0 or step == last_stop or stop_request:
+                    last = _log_interval(writer, step, jax.device_get(pending), time.perf_counter() - interval_start,
+                                         tokens_per_step, flops_per_token, peak, state)
+                    bar.set_postfix(loss=f"{last['learning/loss']:.3f}", tok_s=f"{last['perf/tokens_per_sec']:,.0f}")
+                    pending, interval_start = [], time.perf_counter()
+                    check_nonfinite()
+                if eval_batches and (step % t.eval_every == 0 or step == t.steps):
+                    eval_metrics = evaluate(eval_fn, state["params"], eval_batches)
+                    writer.write(step, eval_metrics)
+                    last.update(eval_metrics)
+                    bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+                    interval_start = time.perf_counter()  # keep eval time out of tokens/s
+                if step == last_stop or stop_request or (t.checkpoint_every and step % t.checkpoint_every == 0):
+                    check_nonfinite()  # never checkpoint a state the policy rejects
+                    ckpt.save(step, state, train_iter)
+            if stop_request:
+                log.warning("stopped by %s at step %d after saving a checkpoint; launch again to resume",
+                            stop_request.signal_name, step)
+    finally:
+        bar.close()
+        ckpt.wait()  # an async save in flight completes before the process exits
+        ckpt.close()
+        writer.close()
+    if step < t.steps and not stop_request:
         log.info("stopped at step %d of %d (train.stop_at_step); the next launch resumes", step, t.steps)
     return last
+
+
+def _log_interval(writer, step, stats, elapsed, tokens_per_step, flops_per_token, peak, state) -> dict:
+    finite_losses = [s["loss"] for s in stats if np.isfinite(s["loss"])]
+    finite_norms = [s["grad_norm"] for s in stats if np.isfinite(s["grad_norm"])]
+    tokens_per_sec = len(stats) * tokens_per_step / elapsed
+    record = {
+        "learning/loss": float(np.mean(finite_losses)) if finite_losses else float("nan"),
+        "learning/grad_norm": float(np.mean(finite_norms)) if finite_norms else float("nan"),
+        "learning/lr": float(stats[-1]["lr"]),
+        "learning/skipped_steps": float(state["nonfinite"]["skipped"]),
+        "perf/tokens_per_sec": tokens_per_sec,
+        "perf/step_time": elapsed / len(stats),
+        "perf/mfu": tokens_per_sec * flops_per_token / peak,
+    }
+    writer.write(step, record)
+    return record
 
 
 def load_config(workdir: str):
