@@ -97,9 +97,10 @@ def attention_mask(q_pos_BxT, k_pos_BxS, window: int, k_valid_BxS=None):
 
 
 def attend(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS):
-    """Softmax attention with float32 scores; a fully masked row returns zeros."""
+    """Softmax attention with float32 scores. Every query must be allowed at least one key (causal
+    self-attention always allows itself)."""
     scale = 1.0 / math.sqrt(q_BxTxHxK.shape[-1])
-    scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK).astype(jnp.float32) * scale
+    scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK * scale, k_BxSxHxK).astype(jnp.float32)
     scores_BxHxTxS = jnp.where(mask_BxTxS[:, None], scores_BxHxTxS, -1e30)
-    probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1) * mask_BxTxS[:, None]
+    probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1)
     return jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS.astype(v_BxSxHxK.dtype), v_BxSxHxK)
