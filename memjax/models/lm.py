@@ -73,10 +73,19 @@ def count_params(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
 
 
+# Logical axis of lookup tables (a memory's value table): rows are read, not multiplied, so they are
+# not matmul parameters; their blocks' flops_per_token count the lookup.
+LOOKUP_AXIS = "slots"
+
+
 def flops_per_token(model_cfg, vocab_size: int, seq_len: int) -> float:
     """Analytic training FLOPs per token: 6 x matmul parameters + each block's own term."""
-    _, params = abstract(model_cfg, vocab_size)
-    matmul_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params) if len(x.shape) >= 2)
+    model = nnx.eval_shape(lambda: DecoderLM(model_cfg, vocab_size, rngs=nnx.Rngs(params=0)))
+    matmul_params = sum(
+        int(np.prod(x.shape))
+        for _, x in nnx.to_flat_state(nnx.state(model, nnx.Param))
+        if len(x.shape) >= 2 and LOOKUP_AXIS not in (x.get_metadata().get("logical_axes") or ())
+    )
     if not model_cfg.tie_embeddings:
         matmul_params -= vocab_size * model_cfg.d_model  # the input embedding is a lookup, not a matmul
     blocks = registry.load()

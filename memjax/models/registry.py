@@ -22,7 +22,7 @@ import importlib
 BLOCKS: dict[str, type] = {}
 
 # Modules whose import registers blocks. A new block family adds its module here.
-_BLOCK_MODULES = ("memjax.models.attention",)
+_BLOCK_MODULES = ("memjax.models.attention", "memjax.memory.pkm")
 
 
 def register(name: str):
