@@ -223,9 +223,11 @@ def _train_locked(run: Run, workdir: str, train_iter, eval_batches) -> dict[str,
                     check_nonfinite()
                 if eval_batches and (step % t.eval_every == 0 or step == t.steps):
                     eval_metrics = evaluate(eval_fn, state["params"], eval_batches)
+                    eval_metrics.update(lm.eval_metrics(cfg.model, run.graphdef, state["params"], eval_batches))
                     writer.write(step, eval_metrics)
                     last.update(eval_metrics)
-                    bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+                    shown = {k: v for k, v in eval_metrics.items() if "/layer" not in k}  # per-layer ones: tensorboard
+                    bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
                     interval_start = time.perf_counter()  # keep eval time out of tokens/s
                 if step == last_stop or stop_request or (t.checkpoint_every and step % t.checkpoint_every == 0):
                     check_nonfinite()  # never checkpoint a state the policy rejects

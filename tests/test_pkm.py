@@ -352,3 +352,5 @@ def test_a_pkm_config_trains_and_its_loss_falls(tmp_path):
     eval_losses = [r["eval/loss"] for r in records if "eval/loss" in r]
     assert train_losses[-1] < train_losses[0] - 1.0
     assert eval_losses[-1] < eval_losses[0]
+    usage = [r for r in records if "eval/loss" in r]
+    assert all(0 < r["memory/slots_hit_fraction"] <= 1 and "memory/layer1/slot_usage_kl" in r for r in usage)

@@ -190,6 +190,10 @@ class ProductKeyMemoryBlock(AttentionLayer):
     def make_shared(cls, cfg, *, rngs):
         return ValueTable(cfg, rngs=rngs)
 
+    @staticmethod
+    def eval_metrics(graphdef, params, batches) -> dict[str, float]:
+        return slot_usage_metrics(graphdef, params, batches)
+
     @classmethod
     def validate(cls, cfg, require) -> None:
         p, d = cfg.model.pkm, cfg.model.d_model
@@ -294,7 +298,7 @@ _slot_usage_jit = jax.jit(slot_usage, static_argnums=0)
 
 def slot_usage_metrics(graphdef, params, batches) -> dict[str, float]:
     """`usage_metrics` over evaluation batches (dicts with "inputs" [B, T]); {} for a model without
-    pkm layers. For the trainer: `eval_metrics.update(pkm.slot_usage_metrics(run.graphdef, params, batches))`."""
+    pkm layers. The trainer logs them with each evaluation (the block's `eval_metrics`)."""
     layer_indices = [i for i, _ in pkm_layers(nnx.merge(graphdef, params))]
     if not layer_indices:
         return {}

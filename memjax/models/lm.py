@@ -69,6 +69,16 @@ def abstract(model_cfg, vocab_size: int) -> tuple[nnx.GraphDef, dict]:
     return out["graphdef"], shapes
 
 
+def eval_metrics(model_cfg, graphdef, params, batches) -> dict[str, float]:
+    """Every block family's `eval_metrics` (see registry) on evaluation batches."""
+    blocks = registry.load()
+    families = dict.fromkeys(getattr(blocks[name], "eval_metrics", None) for name in sorted(set(block_names(model_cfg))))
+    out = {}
+    for family_metrics in filter(None, families):
+        out.update(family_metrics(graphdef, params, batches))
+    return out
+
+
 def count_params(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
 

@@ -13,6 +13,12 @@ methods every block provides:
 - `validate(cfg, require)`: classmethod; `require(ok, field, message)` for impossible combinations.
 - `flops_per_token(cfg, seq_len)`: classmethod; forward+backward FLOPs per token that are not
   parameter matmuls (those are counted as 6N by the caller), e.g. the attention score term.
+
+Optional:
+
+- `eval_metrics(graphdef, params, batches)`: staticmethod; the block family's diagnostics on the
+  evaluation batches (dicts with "inputs"), e.g. `memory/...` key usage or inner losses, logged with
+  `eval/*`. Called once per family however many layers use it.
 """
 
 from __future__ import annotations
