@@ -53,10 +53,14 @@ class RMSNorm(nnx.Module):
         self.eps, self.dtype = eps, dtype
 
     def __call__(self, x):
-        # Statistics in float32 whatever the compute dtype: bf16 sums of squares lose too much.
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (x32 * self.scale[...]).astype(self.dtype)
+        return (rms_normalize(x, self.eps) * self.scale[...]).astype(self.dtype)
+
+
+def rms_normalize(x, eps: float):
+    """x / RMS(x) over the last axis, in float32 at least whatever the input dtype (bf16 sums of
+    squares lose too much)."""
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
 
 
 class SwiGLU(nnx.Module):

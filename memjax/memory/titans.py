@@ -1,0 +1,354 @@
+"""Titans (Behrouz et al. 2025, arXiv 2501.00663): the neural memory as a layer and its hybrids.
+
+One block class, registered under several names whose settings (`config.model.<name>`) differ only in
+their defaults; `hybrid` picks the architecture, so any engine configuration can be used in any of them:
+
+- "none" (titans_lmm): x + Memory(norm x), then the SwiGLU FFN.
+- "mag" (titans_mag): one branch is sliding-window attention with persistent tokens as an always
+  visible prefix, the other the memory; out = W_o(RMSNorm(attn) * sigmoid(RMSNorm(mem))), then the FFN.
+- "mal" (titans_mal): x + Memory(norm x), then x + SWA(norm x), then the FFN.
+- "mac" (titans_mac): the sequence in segments of `segment` tokens. Per segment, r_t = M_s(q_t) reads
+  the memory as it was at the segment start (a projection of it gives one retrieved token per input
+  token); attention over [persistent | r_<=t | x_<=t] gives y_t (causal: the paper lets token t see the
+  whole segment's retrieved tokens, which would leak later inputs into a language model); the memory
+  is written with y and read at y_t after the write, m_t; out = W_o(RMSNorm(y) * sigmoid(RMSNorm(m))).
+
+Persistent tokens (`persistent_tokens`) are learned: in attention, key/value pairs projected from learned
+inputs by the layer's own W_K, W_V (no RoPE: they have no position); in the memory, learned inputs
+written at the start of each sequence (see memjax.memory.neural).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from memjax.memory import engine, neural
+from memjax.models import layers
+from memjax.models.registry import register
+
+HYBRIDS = ("none", "mag", "mal", "mac")
+
+
+class PrefixAttention(nnx.Module):
+    """Causal self-attention (optionally sliding-window) with learned persistent key/value pairs."""
+
+    def __init__(self, model_cfg, persistent: int, window: int, *, rngs: nnx.Rngs):
+        d, h = model_cfg.d_model, model_cfg.num_heads
+        dtype = jnp.dtype(model_cfg.dtype)
+        out_std = model_cfg.init_std / (2 * model_cfg.num_layers) ** 0.5
+        self.window, self.rope_base, self.num_heads, self.head_dim = window, model_cfg.rope_base, h, d // h
+        self.qkv = layers.Dense((d,), (3, h, d // h), ("embed", "qkv", "heads", "head_dim"), std=model_cfg.init_std,
+                                dtype=dtype, rngs=rngs)
+        self.out = layers.Dense((h, d // h), (d,), ("heads", "head_dim", "embed"), std=out_std, dtype=dtype, rngs=rngs)
+        self.num_persistent = persistent
+        if persistent:
+            self.persistent = layers.param(rngs, (persistent, d), 1.0, ("persistent", "embed"))
+
+    def project(self, x_BxTxD, positions_BxT):
+        q, k, v = jnp.unstack(self.qkv(x_BxTxD), axis=2)
+        return layers.rope(q, positions_BxT, self.rope_base), layers.rope(k, positions_BxT, self.rope_base), v
+
+    def attend(self, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS):
+        """Attention over [persistent | given keys], the persistent ones always visible."""
+        if self.num_persistent:
+            batch = q_BxTxHxK.shape[0]
+            _, pk, pv = jnp.unstack(self.qkv(self.persistent[...].astype(q_BxTxHxK.dtype)), axis=1)
+            pk = jnp.broadcast_to(pk.astype(k_BxSxHxK.dtype), (batch, *pk.shape))
+            pv = jnp.broadcast_to(pv.astype(v_BxSxHxK.dtype), (batch, *pv.shape))
+            k_BxSxHxK, v_BxSxHxK = jnp.concatenate([pk, k_BxSxHxK], 1), jnp.concatenate([pv, v_BxSxHxK], 1)
+            visible = jnp.ones((*mask_BxTxS.shape[:2], self.num_persistent), bool)
+            mask_BxTxS = jnp.concatenate([visible, mask_BxTxS], axis=-1)
+        return self.out(layers.attend(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS))
+
+    def init_state(self, batch_size: int, max_len: int, dtype):
+        shape = (batch_size, max_len, self.num_heads, self.head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.zeros((), jnp.int32)}
+
+    def __call__(self, x_BxTxD, state=None):
+        batch, seq = x_BxTxD.shape[:2]
+        start = jnp.zeros((), jnp.int32) if state is None else state["index"]
+        pos_BxT = jnp.broadcast_to(start + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        q, k, v = self.project(x_BxTxD, pos_BxT)
+        if state is None:
+            return self.attend(q, k, v, layers.attention_mask(pos_BxT, pos_BxT, self.window)), None
+        cache_k = jax.lax.dynamic_update_slice_in_dim(state["k"], k.astype(state["k"].dtype), start, axis=1)
+        cache_v = jax.lax.dynamic_update_slice_in_dim(state["v"], v.astype(state["v"].dtype), start, axis=1)
+        k_pos_BxS = jnp.broadcast_to(jnp.arange(cache_k.shape[1], dtype=jnp.int32), (batch, cache_k.shape[1]))
+        mask = layers.attention_mask(pos_BxT, k_pos_BxS, self.window, k_pos_BxS < start + seq)
+        y = self.attend(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask)
+        return y, {"k": cache_k, "v": cache_v, "index": start + seq}
+
+
+class NeuralMemoryBlock(nnx.Module):
+    """A residual layer built around the neural memory; see the module docstring for `hybrid`."""
+
+    defaults: dict = {
+        "hybrid": "none",  # one of HYBRIDS
+        "heads": 4,  # memory heads (each of width d_model / heads)
+        "memory_depth": 2,  # linear maps in the memory MLP; 1 = linear memory
+        "memory_expansion": 4,  # MLP hidden width / head width
+        "activation": "gelu",  # exact GELU or SiLU inside the memory MLP
+        "memory_residual": False,  # M(x) = x + LN(MLP(x))
+        "objective": "l2",
+        "read": "after",  # y_t = M_t(q_t) ("after" the token's write) or M_{t-1}(q_t) ("before")
+        "chunk": 16,  # tokens per chunk: inner gradients are taken at the chunk-start state
+        "remat_chunks": 4,  # chunks per rematerialisation group (one stored state per group)
+        "conv_kernel": 4,  # causal depthwise conv on q, k, v; 0 = none
+        "theta_max": 1.0,  # step size theta = theta_max * sigmoid(.)
+        "theta_init": 0.1,  # gate values at initialisation (their biases)
+        "eta_init": 0.9,
+        "alpha_init": 0.01,
+        "persistent_tokens": 0,
+        "window": 128,  # sliding-window attention of mag / mal
+        "segment": 64,  # segment length of mac (a multiple of chunk)
+    }
+
+    def __init__(self, cfg, layer_index: int, *, shared=None, rngs: nnx.Rngs):
+        p = cfg[self.block_name]
+        d, dtype = cfg.d_model, jnp.dtype(cfg.dtype)
+        self.hybrid, self.eps = p.hybrid, cfg.norm_eps
+        self.memory_norm = layers.RMSNorm(d, eps=cfg.norm_eps, dtype=dtype)
+        self.memory = neural.NeuralMemory(p, cfg, rngs=rngs)
+        if p.hybrid in ("mag", "mal", "mac"):
+            window = p.window if p.hybrid != "mac" else 0
+            self.attention = PrefixAttention(cfg, p.persistent_tokens, window, rngs=rngs)
+        if p.hybrid == "mal":
+            self.attention_norm = layers.RMSNorm(d, eps=cfg.norm_eps, dtype=dtype)
+        if p.hybrid in ("mag", "mac"):
+            out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+            self.branch_norms = nnx.Param(jnp.ones((2, d), jnp.float32), logical_axes=("branch", "embed"))
+            self.mix = layers.Dense((d,), (d,), ("embed", "embed_out"), std=out_std, dtype=dtype, rngs=rngs)
+        if p.hybrid == "mac":
+            h, dh = p.heads, d // p.heads
+            self.segment = p.segment
+            self.retrieve_query = layers.Dense((d,), (h, dh), ("embed", "heads", "head_dim"), std=cfg.init_std,
+                                               dtype=dtype, rngs=rngs)
+            self.retrieve_out = layers.Dense((h, dh), (d,), ("heads", "head_dim", "embed"), std=cfg.init_std,
+                                             dtype=dtype, rngs=rngs)
+        self.mlp_norm = layers.RMSNorm(d, eps=cfg.norm_eps, dtype=dtype)
+        self.mlp = layers.SwiGLU(d, layers.swiglu_width(d, cfg.d_ff), std=cfg.init_std,
+                                 out_std=cfg.init_std / (2 * cfg.num_layers) ** 0.5, dtype=dtype, rngs=rngs)
+
+    @classmethod
+    def make_shared(cls, cfg, *, rngs):
+        return None
+
+    def init_state(self, batch_size: int, max_len: int, dtype):
+        state = {"memory": self.memory.init_state(batch_size)}
+        if self.hybrid in ("mag", "mal"):
+            state["attention"] = self.attention.init_state(batch_size, max_len, dtype)
+        if self.hybrid == "mac":
+            shape = (batch_size, 2 * self.segment, self.attention.num_heads, self.attention.head_dim)
+            state.update({"segment_weights": state["memory"]["weights"], "k": jnp.zeros(shape, dtype),
+                          "v": jnp.zeros(shape, dtype), "index": jnp.zeros((), jnp.int32)})
+        return state
+
+    def gate(self, attended_BxTxD, memory_BxTxD):
+        """W_o(RMSNorm(attention) * sigmoid(RMSNorm(memory))): the memory gates the attention.
+        Returns the output and the gate's mean (a diagnostic)."""
+        scales = self.branch_norms[...]
+        a = layers.rms_normalize(attended_BxTxD, self.eps) * scales[0]
+        g = jax.nn.sigmoid(layers.rms_normalize(memory_BxTxD, self.eps) * scales[1])
+        return self.mix((a * g).astype(attended_BxTxD.dtype)).astype(attended_BxTxD.dtype), jnp.mean(g)
+
+    def __call__(self, x_BxTxD, state=None):
+        new_state = None if state is None else dict(state)
+        mem_state = None if state is None else state["memory"]
+        if self.hybrid == "mac":
+            out, new_state = self._mac(x_BxTxD, state)
+            x_BxTxD = x_BxTxD + out
+        elif self.hybrid == "mag":
+            h = self.memory_norm(x_BxTxD)
+            attended, attn_state = self.attention(h, None if state is None else state["attention"])
+            remembered, mem_state = self.memory(h, mem_state)
+            gated, gate_mean = self.gate(attended, remembered)
+            x_BxTxD = x_BxTxD + gated
+            if self.memory.record:
+                self.sow(nnx.Intermediate, "gate", gate_mean)
+            if state is not None:
+                new_state.update(memory=mem_state, attention=attn_state)
+        else:
+            remembered, mem_state = self.memory(self.memory_norm(x_BxTxD), mem_state)
+            x_BxTxD = x_BxTxD + remembered
+            if state is not None:
+                new_state["memory"] = mem_state
+            if self.hybrid == "mal":
+                attended, attn_state = self.attention(self.attention_norm(x_BxTxD),
+                                                      None if state is None else state["attention"])
+                x_BxTxD = x_BxTxD + attended
+                if state is not None:
+                    new_state["attention"] = attn_state
+        x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+        return x_BxTxD, new_state
+
+    # --- memory as context ----------------------------------------------------------------------
+
+    def retrieve(self, h_BxTxD, weights):
+        """Tokens read from fixed memory weights (per sequence and head) at queries from h."""
+        q = neural.l2_normalize(self.retrieve_query(h_BxTxD).astype(self.memory.inner_dtype(h_BxTxD)), self.eps)
+        read = jax.vmap(jax.vmap(lambda w, x: engine.apply_fixed(self.memory.spec, w, x), in_axes=(0, 1), out_axes=1))
+        return self.retrieve_out(read(weights, q).astype(h_BxTxD.dtype))
+
+    def _mac(self, x_BxTxD, state):
+        h = self.memory_norm(x_BxTxD)
+        if state is not None:
+            return self._mac_carried(h, state)
+        batch, t, d = h.shape
+        s = self.segment
+        n = -(-t // s)
+        segments = jnp.moveaxis(jnp.pad(h, ((0, 0), (0, n * s - t), (0, 0))).reshape(batch, n, s, d), 1, 0)
+        pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (batch, s))
+        causal = layers.attention_mask(pos, pos, 0)
+        mask = jnp.concatenate([causal, causal], axis=-1)  # [r_<=t | x_<=t]
+
+        def one_segment(mem_state, h_seg):
+            retrieved = self.retrieve(h_seg, mem_state["weights"])
+            q, k_h, v_h = self.attention.project(h_seg, pos)
+            _, k_r, v_r = self.attention.project(retrieved, pos)
+            y = self.attention.attend(q, jnp.concatenate([k_r, k_h], 1), jnp.concatenate([v_r, v_h], 1), mask)
+            remembered, mem_state, diagnostics = self.memory.forward(y, mem_state, aligned=True)
+            gated, gate_mean = self.gate(y, remembered)
+            return mem_state, (gated, gate_mean, diagnostics)
+
+        mem_state = self.memory.empty_state(batch, self.memory.inner_dtype(h))
+        if self.memory.num_persistent:
+            mem_state = self.memory.init_state(batch, self.memory.inner_dtype(h))
+        _, (out, gate_mean, diagnostics) = jax.lax.scan(one_segment, mem_state, segments)
+        if self.memory.record:  # sown here, outside the scan: one record averaged over segments
+            self.memory.sow(nnx.Intermediate, "diagnostics", jax.tree_util.tree_map(jnp.mean, diagnostics))
+            self.sow(nnx.Intermediate, "gate", jnp.mean(gate_mean))
+        return jnp.moveaxis(out, 0, 1).reshape(batch, n * s, d)[:, :t], None
+
+    def _mac_carried(self, h_BxTxD, state):
+        """Token by token (decoding; prompts): the same outputs as the segment-parallel path."""
+        batch, _, _ = h_BxTxD.shape
+        s = self.segment
+
+        def one_token(state, h_Bx1xD):
+            i = state["index"] % s
+            segment_weights = jax.tree_util.tree_map(
+                lambda now, kept: jnp.where(i == 0, now, kept), state["memory"]["weights"], state["segment_weights"]
+            )
+            pos = jnp.broadcast_to(i, (batch, 1))
+            retrieved = self.retrieve(h_Bx1xD, segment_weights)
+            q, k_h, v_h = self.attention.project(h_Bx1xD, pos)
+            _, k_r, v_r = self.attention.project(retrieved, pos)
+            cache_k = jax.lax.dynamic_update_slice_in_dim(state["k"], k_r.astype(state["k"].dtype), i, axis=1)
+            cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k_h.astype(state["k"].dtype), s + i, axis=1)
+            cache_v = jax.lax.dynamic_update_slice_in_dim(state["v"], v_r.astype(state["v"].dtype), i, axis=1)
+            cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v_h.astype(state["v"].dtype), s + i, axis=1)
+            slot = jnp.arange(2 * s) % s
+            mask = jnp.broadcast_to(slot <= i, (batch, 1, 2 * s))
+            y = self.attention.attend(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask)
+            remembered, mem_state, _ = self.memory.forward(y, state["memory"])
+            new = {"memory": mem_state, "segment_weights": segment_weights, "k": cache_k, "v": cache_v,
+                   "index": state["index"] + 1}
+            return new, self.gate(y, remembered)[0][:, 0]
+
+        state, out = jax.lax.scan(one_token, state, jnp.moveaxis(h_BxTxD[:, :, None], 1, 0))
+        return jnp.moveaxis(out, 0, 1), state
+
+    # --- protocol -------------------------------------------------------------------------------
+
+    @classmethod
+    def validate(cls, cfg, require) -> None:
+        name = cls.block_name
+        p, d = cfg.model[name], cfg.model.d_model
+        field = f"model.{name}"
+        require(p.hybrid in HYBRIDS, f"{field}.hybrid", f"{p.hybrid!r} is not one of {list(HYBRIDS)}")
+        require(p.heads > 0 and d % p.heads == 0, f"{field}.heads", f"{p.heads} heads do not divide model.d_model={d}")
+        require(p.memory_depth >= 1, f"{field}.memory_depth", f"must be >= 1, got {p.memory_depth}")
+        require(p.memory_expansion >= 1, f"{field}.memory_expansion", f"must be >= 1, got {p.memory_expansion}")
+        require(p.activation in engine.ACTIVATIONS, f"{field}.activation",
+                f"{p.activation!r} is not one of {sorted(engine.ACTIVATIONS)}")
+        require(p.objective in engine.OBJECTIVES, f"{field}.objective",
+                f"{p.objective!r} is not one of {list(engine.OBJECTIVES)}")
+        require(p.read in engine.READS, f"{field}.read", f"{p.read!r} is not one of {list(engine.READS)}")
+        require(p.chunk >= 1, f"{field}.chunk", f"must be >= 1, got {p.chunk}")
+        require(p.remat_chunks >= 1, f"{field}.remat_chunks", f"must be >= 1, got {p.remat_chunks}")
+        require(p.conv_kernel >= 0, f"{field}.conv_kernel", f"must be >= 0, got {p.conv_kernel}")
+        require(p.theta_max > 0, f"{field}.theta_max", f"must be positive, got {p.theta_max}")
+        require(0 < p.theta_init < p.theta_max, f"{field}.theta_init", f"must lie in (0, theta_max={p.theta_max})")
+        for gate in ("eta_init", "alpha_init"):
+            require(0 < p[gate] < 1, f"{field}.{gate}", f"must lie in (0, 1), got {p[gate]}")
+        require(p.persistent_tokens >= 0, f"{field}.persistent_tokens", "must be >= 0")
+        if p.hybrid in ("mag", "mal"):
+            require(0 < p.window <= cfg.train.seq_len, f"{field}.window",
+                    f"must lie in [1, train.seq_len={cfg.train.seq_len}], got {p.window}")
+        if p.hybrid == "mac":
+            require(p.segment >= 1 and p.segment % p.chunk == 0, f"{field}.segment",
+                    f"must be a positive multiple of {field}.chunk={p.chunk}, got {p.segment}")
+
+    @classmethod
+    def flops_per_token(cls, model_cfg, seq_len: int) -> float:
+        """The memory's non-parameter work, plus attention scores over the keys each token sees
+        (12 x d_model per key, as for the attention blocks)."""
+        p = model_cfg[cls.block_name]
+        total = neural.flops_per_token(p, model_cfg.d_model)
+        if p.hybrid in ("mag", "mal"):
+            total += 12.0 * model_cfg.d_model * (min(p.window, seq_len) + p.persistent_tokens)
+        elif p.hybrid == "mac":
+            total += 12.0 * model_cfg.d_model * (2 * min(p.segment, seq_len) + p.persistent_tokens)
+        return total
+
+    @staticmethod
+    def eval_metrics(graphdef, params, batches) -> dict[str, float]:
+        return memory_diagnostics(graphdef, params, batches)
+
+
+def _register(name: str, **defaults):
+    cls = type(name, (NeuralMemoryBlock,), {"defaults": {**NeuralMemoryBlock.defaults, **defaults},
+                                            "__doc__": f"Titans block, hybrid={defaults.get('hybrid', 'none')}."})
+    return register(name)(cls)
+
+
+TitansLMM = _register("titans_lmm", hybrid="none")
+TitansMAG = _register("titans_mag", hybrid="mag", persistent_tokens=4)
+TitansMAL = _register("titans_mal", hybrid="mal", persistent_tokens=4)
+TitansMAC = _register("titans_mac", hybrid="mac", persistent_tokens=4)
+
+
+def memory_layers(model) -> list[tuple[int, NeuralMemoryBlock]]:
+    return [(i, block) for i, block in enumerate(model.blocks) if isinstance(block, NeuralMemoryBlock)]
+
+
+def _captured_diagnostics(graphdef, params, inputs_BxT):
+    model = nnx.merge(graphdef, params)
+    for _, block in memory_layers(model):
+        block.memory.record = True
+    _, captured = nnx.capture(model, nnx.Intermediate)(inputs_BxT)
+    captured = nnx.to_pure_dict(captured)
+    out = {}
+    for i, _ in memory_layers(model):
+        block = captured["blocks"][i]
+        values = {}
+        for record in block.get("memory", {}).get("diagnostics", ()):
+            for key, value in record.items():
+                values.setdefault(key, []).append(value)
+        if "gate" in block:
+            values["gate"] = list(block["gate"])
+        out[i] = {key: jnp.mean(jnp.stack([jnp.mean(v) for v in vals])) for key, vals in values.items()}
+    return out
+
+
+_captured_diagnostics_jit = jax.jit(_captured_diagnostics, static_argnums=0)
+
+
+def memory_diagnostics(graphdef, params, batches) -> dict[str, float]:
+    """Per neural-memory layer, averaged over evaluation batches: the inner loss on each chunk before and
+    after its update, the mean gates (theta, eta, alpha; the MAG/MAC branch gate), and the norm of the
+    memory weights after the batch."""
+    totals, count = {}, 0
+    for batch in batches:
+        per_layer = jax.device_get(_captured_diagnostics_jit(graphdef, params, batch["inputs"]))
+        for layer, values in per_layer.items():
+            for key, value in values.items():
+                name = f"memory/layer{layer}/{key}"
+                totals[name] = totals.get(name, 0.0) + float(value)
+        count += 1
+    return {name: total / count for name, total in totals.items()} if count else {}
+
+
+__all__ = ["NeuralMemoryBlock", "PrefixAttention", "memory_diagnostics", "HYBRIDS"]
