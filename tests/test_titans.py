@@ -220,20 +220,22 @@ def test_any_split_into_calls_and_token_by_token_decoding_equal_one_parallel_cal
     graphdef, params = build(variant_config(name))
     ids = jax.random.randint(jax.random.key(1), (2, 19), 0, VOCAB)
     splits = [(0, 7), (7, 8), (8, 13), (13, 19)]
-    tokens = [(t, t + 1) for t in range(19)]
 
     @jax.jit
     def run(params):
         model = nnx.merge(graphdef, params)
         whole, _ = model(ids)
-        outs = {}
-        for label, parts in (("split", splits), ("tokens", tokens)):
-            states, pieces = model.init_states(2, 19), []
-            for a, b in parts:
-                logits, states = model(ids[:, a:b], states)
-                pieces.append(logits)
-            outs[label] = jnp.concatenate(pieces, axis=1)
-        return whole, outs
+        states, pieces = model.init_states(2, 19), []
+        for a, b in splits:
+            logits, states = model(ids[:, a:b], states)
+            pieces.append(logits)
+
+        def decode(states, token_B):
+            logits, states = model(token_B[:, None], states)
+            return states, logits[:, 0]
+
+        _, decoded = jax.lax.scan(decode, model.init_states(2, 19), ids.T)
+        return whole, {"split": jnp.concatenate(pieces, axis=1), "tokens": jnp.moveaxis(decoded, 0, 1)}
 
     whole, outs = run(params)
     for label, logits in outs.items():
