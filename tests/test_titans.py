@@ -18,44 +18,78 @@ ARCHITECTURES = {
     "linear": dict(depth=1),
     "mlp2": dict(depth=2, expansion=2),
     "mlp3_silu": dict(depth=3, expansion=2, activation="silu"),
-    "residual_mlp2": dict(depth=2, expansion=2, residual=True),
+    "residual_mlp2": dict(depth=2, expansion=2, residual="norm"),
+    "atlas_mlp2": dict(depth=2, expansion=2, residual="add"),
+    "gated": dict(memory="gated", expansion=2, residual="add"),
+}
+# Inner objective x optimizer x retention x window combinations (ATLAS, Miras, DeepTransformers).
+RULES = {
+    "titans": dict(),
+    "omega": dict(window=3),
+    "atlas_muon": dict(window=3, optimizer="muon"),
+    "moneta": dict(objective="lp", p=3.0, retention="qnorm", optimizer="gd"),
+    "yaad": dict(objective="huber", optimizer="gd"),
+    "memora": dict(retention="softmax", optimizer="gd"),
+    "memora_momentum": dict(retention="softmax"),
+    "hebbian": dict(objective="dot", optimizer="gd"),
 }
 
 
 def random_problem(rng, spec, dim=4, length=12, initial_momentum=True):
+    """Random state and streams for one sequence and head; k, v, gamma, delta carry the window's c - 1
+    earlier tokens first (zero weight, as at the start of a sequence)."""
     shapes = engine.layer_shapes(spec, dim)
     weights = [jnp.asarray(rng.normal(size=s) / np.sqrt(s[0])) for s in shapes]
     momentum = [jnp.asarray(rng.normal(size=s) * (0.1 if initial_momentum else 0.0)) for s in shapes]
-    q, k, v = (jnp.asarray(rng.normal(size=(length, dim))) for _ in range(3))
-    lr, mom, keep = (jnp.asarray(rng.uniform(0.1, 0.9, size=length)) for _ in range(3))
-    return weights, momentum, dict(q=q, k=k, v=v, lr=lr, mom=mom, keep=keep)
+    history = spec.window - 1
+    q = jnp.asarray(rng.normal(size=(length, dim)))
+    k, v = (jnp.asarray(rng.normal(size=(history + length, dim))) for _ in range(2))
+    lr = jnp.asarray(rng.uniform(0.05, 0.5, size=length))
+    mom, keep = (jnp.asarray(rng.uniform(0.1, 0.9, size=length)) for _ in range(2))
+    gamma = jnp.asarray(np.concatenate([np.zeros(history), rng.uniform(0.3, 1.0, size=length)]))
+    delta = jnp.asarray(rng.uniform(0.5, 2.0, size=history + length))
+    return weights, momentum, dict(q=q, k=k, v=v, lr=lr, mom=mom, keep=keep, gamma=gamma, delta=delta)
 
 
-def reference_loop(spec, weights, momentum, s, freeze_every):
-    """The recurrence token by token; inner gradients at the state of the last multiple of
-    `freeze_every` tokens (1: the exact recurrence)."""
-    w, m, ys = list(weights), list(momentum), []
+def reference_loop(spec, state, momentum, s, freeze_every):
+    """The recurrence token by token (see memjax.memory.engine); inner gradients, and qnorm's scale, at
+    the state of the last multiple of `freeze_every` tokens (1: the exact recurrence)."""
+    a, m, ys = list(state), list(momentum), []
+    history = spec.window - 1
     for t in range(s["q"].shape[0]):
         if t % freeze_every == 0:
-            frozen = list(w)
-        grads = jax.grad(
-            lambda ws: engine.objective_value(spec, engine.apply_fixed(spec, ws, s["k"][t : t + 1]), s["v"][t : t + 1]).sum()
-        )(frozen)
-        m = [s["mom"][t] * mi - s["lr"][t] * g for mi, g in zip(m, grads)]
-        previous = w
-        w = [s["keep"][t] * wi + mi for wi, mi in zip(w, m)]
-        read_from = w if spec.read == "after" else previous
+            frozen = list(a)
+        window = slice(t, t + history + 1)  # in the history-prefixed k, v, gamma, delta
+
+        def window_loss(ws):
+            pred = engine.apply_fixed(spec, ws, s["k"][window])
+            losses = engine.objective_value(spec, pred, s["v"][window], s["delta"][window])
+            return jnp.sum(s["gamma"][window] * losses)
+
+        grads = jax.grad(window_loss)(engine.effective_weights(spec, frozen))
+        eta = 0.0 if spec.optimizer == "gd" else s["mom"][t]
+        previous = a
+        if spec.optimizer == "muon":
+            m = [eta * mi - g for mi, g in zip(m, grads)]
+            a = [s["keep"][t] * ai + s["lr"][t] * engine.newton_schulz(mi, spec.ns_steps) for ai, mi in zip(a, m)]
+        else:
+            m = [eta * mi - s["lr"][t] * g for mi, g in zip(m, grads)]
+            a = [s["keep"][t] * ai + mi for ai, mi in zip(a, m)]
+        read_from = engine.effective_weights(spec, a if spec.read == "after" else previous, frozen)
+        if spec.read == "before" and t % freeze_every == 0:
+            read_from = engine.effective_weights(spec, previous)
         ys.append(engine.apply_fixed(spec, read_from, s["q"][t : t + 1])[0])
-    return jnp.stack(ys), w, m
+    return jnp.stack(ys), a, m
 
 
 def run_engine(spec, weights, momentum, s):
     """scan_chunks on one sequence and head (length a multiple of the chunk)."""
     one = lambda x: x[None, None]
     n = s["q"].shape[0] // spec.chunk
+    streams = {k: one(x) for k, x in s.items() if k in spec.window_streams or k in ("q", "lr", "mom", "keep")}
     y, w, m, stats = engine.scan_chunks(
-        spec, [one(x) for x in weights], [one(x) for x in momentum], {k: one(x) for k, x in s.items()},
-        jnp.ones((n,), bool), with_after_loss=True,
+        spec, [one(x) for x in weights], [one(x) for x in momentum], streams, jnp.ones((n,), bool),
+        with_after_loss=True,
     )
     return y[0, 0], [x[0, 0] for x in w], [x[0, 0] for x in m], stats
 
@@ -68,20 +102,21 @@ def assert_trees_close(a, b, atol):
 # --- the engine ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_factored_inner_gradients_equal_jax_grad_per_token(arch):
-    spec = engine.Spec(**ARCHITECTURES[arch])
+@pytest.mark.parametrize("arch, objective", [(a, "l2") for a in sorted(ARCHITECTURES)]
+                         + [("mlp2", o) for o in engine.OBJECTIVES if o != "l2"])
+def test_factored_inner_gradients_equal_jax_grad_per_token(arch, objective):
+    spec = engine.Spec(**ARCHITECTURES[arch], objective=objective)
     with jax.enable_x64(True):
         weights, _, s = random_problem(np.random.default_rng(0), spec)
-        inputs, deltas, losses = engine.gradient_factors(spec, weights, s["k"], s["v"])
+        inputs, deltas, losses = engine.gradient_factors(spec, weights, s["k"], s["v"], s["delta"])
         for t in range(s["k"].shape[0]):
-            expected = jax.grad(
-                lambda ws: engine.objective_value(spec, engine.apply_fixed(spec, ws, s["k"][t : t + 1]), s["v"][t : t + 1])[0]
+            expected = jax.grad(lambda ws: engine.objective_value(
+                spec, engine.apply_fixed(spec, ws, s["k"][t : t + 1]), s["v"][t : t + 1], s["delta"][t : t + 1])[0]
             )(weights)
             factored = [jnp.outer(h[t], d[t]) for h, d in zip(inputs, deltas)]
             assert_trees_close(factored, expected, atol=1e-12)
         np.testing.assert_allclose(
-            losses, engine.objective_value(spec, engine.apply_fixed(spec, weights, s["k"]), s["v"]), atol=1e-12
+            losses, engine.objective_value(spec, engine.apply_fixed(spec, weights, s["k"]), s["v"], s["delta"]), atol=1e-12
         )
 
 
@@ -105,6 +140,20 @@ def test_chunk_b_equals_the_chunk_start_frozen_loop_and_differs_from_the_exact_o
         assert_trees_close((y, w, m), reference_loop(spec, weights, momentum, s, freeze_every=4), atol=1e-10)
         y_exact, _, _ = reference_loop(spec, weights, momentum, s, freeze_every=1)
         assert np.abs(np.asarray(y - y_exact)).max() > 1e-3
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_every_objective_optimizer_and_retention_equals_its_loop(rule, chunk):
+    """Chunk 1 equals the exact recurrence and chunk 4 the chunk-start-frozen loop (float64), for the
+    Omega window, Muon, q-norm, softmax retention, l_p, Huber and Hebbian rules."""
+    spec = engine.Spec(**ARCHITECTURES["atlas_mlp2"], **RULES[rule], chunk=chunk, remat_chunks=2)
+    with jax.enable_x64(True):
+        weights, momentum, s = random_problem(np.random.default_rng(10), spec)
+        if spec.optimizer == "muon":
+            momentum = [jnp.zeros_like(m) for m in momentum]
+        y, w, m, _ = run_engine(spec, weights, momentum, s)
+        assert_trees_close((y, w, m), reference_loop(spec, weights, momentum, s, freeze_every=chunk), atol=1e-9)
 
 
 def test_associative_scan_coefficients_equal_the_sequential_recurrence():
@@ -133,7 +182,8 @@ def test_linear_memory_without_momentum_is_the_delta_rule():
     with jax.enable_x64(True):
         weights, _, s = random_problem(np.random.default_rng(4), spec, initial_momentum=False)
         for decay in (True, False):
-            s = {**s, "mom": jnp.zeros_like(s["mom"]), "keep": s["keep"] if decay else jnp.ones_like(s["keep"])}
+            s = {**s, "mom": jnp.zeros_like(s["mom"]), "keep": s["keep"] if decay else jnp.ones_like(s["keep"]),
+                 "gamma": jnp.ones_like(s["gamma"])}
             y, _, _, _ = run_engine(spec, weights, [jnp.zeros_like(weights[0])], s)
             state, eye = np.asarray(weights[0]).T, np.eye(4)
             for t in range(s["q"].shape[0]):
@@ -174,7 +224,8 @@ def test_the_memory_stores_key_value_pairs_and_reads_them_back(arch, step, sweep
     v = np.concatenate([np.tile(values, (sweeps, 1)), values])
     steps = np.concatenate([np.full(sweeps * pairs, step), np.zeros(pairs)])
     s = {"q": jnp.asarray(k, jnp.float32), "k": jnp.asarray(k, jnp.float32), "v": jnp.asarray(v, jnp.float32),
-         "lr": jnp.asarray(steps, jnp.float32), "mom": jnp.zeros(len(k)), "keep": jnp.ones(len(k))}
+         "lr": jnp.asarray(steps, jnp.float32), "mom": jnp.zeros(len(k)), "keep": jnp.ones(len(k)),
+         "gamma": jnp.ones(len(k))}
     weights = [jnp.asarray(rng.normal(size=sh) / np.sqrt(sh[0]), jnp.float32) for sh in engine.layer_shapes(spec, dim)]
     y, _, _, _ = run_engine(spec, weights, [jnp.zeros_like(w) for w in weights], s)
 
@@ -192,7 +243,7 @@ def test_inner_loss_falls_over_a_chunk():
     spec = engine.Spec(depth=2, expansion=2, chunk=8)
     weights, momentum, s = random_problem(np.random.default_rng(8), spec, dim=8, length=16, initial_momentum=False)
     s = {**s, "k": s["k"] / jnp.linalg.norm(s["k"], axis=-1, keepdims=True), "mom": jnp.zeros(16),
-         "keep": jnp.ones(16), "lr": jnp.full(16, 0.2)}
+         "keep": jnp.ones(16), "lr": jnp.full(16, 0.2), "gamma": jnp.ones(16)}
     _, _, _, stats = run_engine(spec, weights, momentum, s)
     assert np.all(np.asarray(stats["loss_after"]) < np.asarray(stats["loss_before"]))
 

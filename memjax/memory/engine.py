@@ -1,32 +1,40 @@
 """The test-time memory engine: a memory whose weights are trained inside the forward pass.
 
-Per head and token t, with k_t, v_t, q_t the token's key, value and query and theta_t, eta_t, alpha_t
-its gates (step size, momentum, forgetting):
+Per head and token t, with k_t, v_t, q_t the token's key, value and query, theta_t, eta_t, alpha_t its
+gates (step size, momentum, forgetting) and keep_t = 1 - alpha_t:
 
-  u_t = grad_M l(M; k_t, v_t)                  the inner gradient ("surprise")
-  S_t = eta_t S_{t-1} - theta_t u_t            momentum
-  M_t = (1 - alpha_t) M_{t-1} + S_t            retention by weight decay
-  y_t = M_t(q_t)  (read after write)  or  M_{t-1}(q_t)  (read before write)
+  u_t = sum_{i = t-c+1..t} gamma_i grad_W l(M; k_i, v_i)   the inner gradient over the Omega window
+                                                            (c = 1, gamma = 1: the online rule)
+  S_t = eta_t S_{t-1} - theta_t u_t                          momentum (eta = 0: plain gradient descent)
+  A_t = keep_t A_{t-1} + S_t                                 retention by decay
+  y_t = M_{W_t}(q_t)  (read after write)  or  M_{W_{t-1}}(q_t)  (read before write)
 
-with M an MLP of `depth` linear maps (depth 1: a linear memory), optionally in the residual form
-x + LN(MLP(x)), and l the inner objective (`objective_value`).
+where the memory's weights W are its state A itself ("decay" retention, Titans), A rescaled by
+||A||_q^(q-2) ("qnorm", Moneta; the scale is refreshed at chunk boundaries) or softmax(A) along each
+row ("softmax", Memora's KL retention: A is the log-weights, shift-invariance makes the log-space
+update linear). With the "muon" optimizer (ATLAS) the update is instead
+  S_t = eta_t S_{t-1} - u_t,  A_t = keep_t A_{t-1} + theta_t NS_k(S_t)
+with NS_k k Newton-Schulz iterations. M is an MLP (`depth` linear maps; 1 = a linear memory) or the
+gated MLP W1(s(W2 x) * W3 x), optionally residual (x + f(x), or x + LN(f(x))). Objectives: see
+`objective_value`.
 
-Chunked parallel form. The sequence is cut into chunks of C tokens and inside a chunk every u_t is taken
-at the chunk-start state M_0 (C = 1 is the exact recurrence). Then:
+Chunked parallel form. The sequence is cut into chunks of C tokens; inside a chunk every gradient is
+taken at the chunk-start state (C = 1 is the exact recurrence). Then:
 
-- Each u_t is a sum of outer products: for linear map l of the memory, u_t[l] = h_t[l]^T d_t[l], where
-  h_t[l] is the map's input and d_t[l] the loss gradient at its output, both at M_0 for key k_t
-  (`gradient_factors`).
-- (S_t, M_t) is a linear function of (S_0, M_0, u_1..u_C); its coefficients follow a 2-state linear
-  recurrence solved with jax.lax.associative_scan (`chunk_coefficients`), so
-  M_t = A_t M_0 + B_t S_0 + sum_i G_ti u_i with scalars A, B and a lower-triangular C x C matrix G.
-- Reading with those weights never forms them: h W_t = A_t (h W_0) + B_t (h S_0) + sum_i G_ti (h . h_i) d_i,
-  matmuls against the chunk's factors only (`chunk_step`). The chunk-end state is formed once per chunk.
+- Token i's gradient for linear map l of the memory is an outer product h_i[l]^T d_i[l] of the map's
+  input and the loss gradient at its output, both at the chunk-start weights (`gradient_factors`),
+  for the chunk's tokens and the c - 1 before it (the Omega window).
+- (S_t, A_t) is linear in (S_0, A_0, g_1..g_K): coefficients from a 2-state linear recurrence solved
+  with jax.lax.associative_scan (`chunk_coefficients`); the Omega window is a banded write matrix.
+- Linear path (decay, qnorm; GD or momentum): reading never forms per-token weights:
+  h W_t = a_t (h A_0) + b_t (h S_0) + sum_i G_ti (h . h_i) d_i: matmuls against the chunk's factors
+  (`chunk_step`). The chunk-end state is formed once per chunk.
+- Materialised path (softmax retention, muon): W_t is non-linear in the chunk's gradients, so the C
+  per-token weights of the chunk are formed ([C, in, out] per map; Newton-Schulz runs on all C in
+  parallel), then read token by token (`chunk_step_materialised`).
 
-jax.lax.scan carries (M, S) over chunks, in remat groups of `remat_chunks` chunks, so the backward
-stores one state per group. No per-token copy of the memory weights is ever materialised.
-
-All functions here work on one sequence and one head; callers vmap over batch and heads.
+jax.lax.scan carries the state over chunks, in remat groups of `remat_chunks` chunks, so the backward
+stores one state per group. All functions work on one sequence and one head; callers vmap.
 """
 
 from __future__ import annotations
@@ -39,62 +47,107 @@ import jax
 import jax.numpy as jnp
 
 ACTIVATIONS = {"gelu": partial(jax.nn.gelu, approximate=False), "silu": jax.nn.silu}
-OBJECTIVES = ("l2",)
+OBJECTIVES = ("l2", "lp", "huber", "dot")
 READS = ("after", "before")
+OPTIMIZERS = ("gd", "momentum", "muon")
+RETENTIONS = ("decay", "qnorm", "softmax")
+MEMORIES = ("mlp", "gated")
+RESIDUALS = ("none", "add", "norm")
+# Muon's quintic Newton-Schulz coefficients (Jordan et al. 2024): fast to singular values in about [0.7, 1.2].
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
     """The engine's static choices (hashable: part of the jitted computation's structure)."""
 
-    depth: int = 2  # linear maps in the memory; 1 = linear memory M(x) = x W
-    expansion: int = 4  # hidden width of an MLP memory, in multiples of the head dim
+    memory: str = "mlp"
+    depth: int = 2  # linear maps of an "mlp" memory; 1 = linear memory M(x) = x W
+    expansion: int = 4  # hidden width, in multiples of the value width
     activation: str = "gelu"  # exact GELU (not the tanh approximation) or SiLU
-    residual: bool = False  # M(x) = x + LN(MLP(x)), LN without parameters
+    residual: str = "none"  # "add": x + f(x); "norm": x + LN(f(x)), LN without parameters
     objective: str = "l2"
+    p: float = 3.0  # exponent of the "lp" objective
+    window: int = 1  # Omega window c
+    optimizer: str = "momentum"
+    ns_steps: int = 5
+    retention: str = "decay"
+    q: float = 4.0  # exponent of "qnorm" retention
     read: str = "after"
     chunk: int = 16
     remat_chunks: int = 4  # chunks per rematerialisation group
     eps: float = 1e-6
 
+    @property
+    def materialised(self) -> bool:
+        return self.optimizer == "muon" or self.retention == "softmax"
 
-def layer_shapes(spec: Spec, dim: int) -> list[tuple[int, int]]:
-    """(in, out) of each linear map of a memory over `dim`-wide keys and values."""
-    widths = [dim] + [dim * spec.expansion] * (spec.depth - 1) + [dim]
+    @property
+    def window_streams(self) -> tuple[str, ...]:
+        """Per-token streams read over the Omega window (the rest are read for the chunk's tokens)."""
+        return ("k", "v", "gamma") + (("delta",) if self.objective == "huber" else ())
+
+
+def layer_shapes(spec: Spec, in_dim: int, out_dim: int | None = None) -> list[tuple[int, int]]:
+    """(in, out) of each linear map of a memory from `in_dim` features to `out_dim` values."""
+    out_dim = in_dim if out_dim is None else out_dim
+    hidden = out_dim * spec.expansion
+    if spec.memory == "gated":
+        return [(in_dim, hidden), (in_dim, hidden), (hidden, out_dim)]
+    widths = [in_dim] + [hidden] * (spec.depth - 1) + [out_dim]
     return [(widths[i], widths[i + 1]) for i in range(spec.depth)]
 
 
 def layer_norm(x, eps: float):
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    centred = x - mean
+    centred = x - jnp.mean(x, axis=-1, keepdims=True)
     return centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
 
 
-def memory_apply(spec: Spec, linear, x_CxD):
+def memory_apply(spec: Spec, linear, x_CxI):
     """M(x), where `linear(l, h)` applies linear map l: the same code reads fixed weights, weights that
-    change per token inside a chunk, and records the factors of the inner gradient."""
-    h = x_CxD
-    for layer in range(spec.depth):
-        h = linear(layer, h)
-        if layer < spec.depth - 1:
-            h = ACTIVATIONS[spec.activation](h)
-    if spec.residual:
-        h = x_CxD + layer_norm(h, spec.eps)
+    change per token inside a chunk, and records the factors of the inner gradient. The residual adds
+    the input's first out-width features (all of them when no feature map widens the keys)."""
+    act = ACTIVATIONS[spec.activation]
+    if spec.memory == "gated":
+        h = linear(2, act(linear(0, x_CxI)) * linear(1, x_CxI))
+    else:
+        h = x_CxI
+        for layer in range(spec.depth):
+            h = linear(layer, h)
+            if layer < spec.depth - 1:
+                h = act(h)
+    if spec.residual == "add":
+        h = x_CxI[..., : h.shape[-1]] + h
+    elif spec.residual == "norm":
+        h = x_CxI[..., : h.shape[-1]] + layer_norm(h, spec.eps)
     return h
 
 
-def apply_fixed(spec: Spec, weights, x_CxD):
-    return memory_apply(spec, lambda layer, h: h @ weights[layer], x_CxD)
+def apply_fixed(spec: Spec, weights, x_CxI):
+    return memory_apply(spec, lambda layer, h: h @ weights[layer], x_CxI)
 
 
-def objective_value(spec: Spec, pred_CxD, target_CxD):
-    """Per-token inner loss. "l2": 1/2 ||M(k) - v||^2 (the 1/2 makes theta the delta rule's beta)."""
-    return 0.5 * jnp.sum((pred_CxD - target_CxD) ** 2, axis=-1)
+def objective_value(spec: Spec, pred_CxD, target_CxD, delta_C=None):
+    """Per-token inner loss ("attentional bias"):
+    l2: 1/2 ||r||^2 (the 1/2 makes theta the delta rule's beta), r = M(k) - v;
+    lp: 1/p sum_j (r_j^2 + eps)^(p/2), a smooth |r|^p (Moneta; p = 2 gives l2's gradient exactly);
+    huber: 1/2 ||r||^2 where ||r|| <= delta_t, else delta_t (||r|| - delta_t / 2) (Yaad);
+    dot: -<M(k), v>, whose gradient step is the Hebbian write (linear attention, DeepTransformers)."""
+    r = pred_CxD - target_CxD
+    if spec.objective == "lp":
+        return jnp.sum((r * r + spec.eps) ** (spec.p / 2), axis=-1) / spec.p
+    if spec.objective == "huber":
+        squared = jnp.sum(r * r, axis=-1)
+        norm = jnp.sqrt(squared + spec.eps)
+        return jnp.where(norm <= delta_C, 0.5 * squared, delta_C * (norm - 0.5 * delta_C))
+    if spec.objective == "dot":
+        return -jnp.sum(pred_CxD * target_CxD, axis=-1)
+    return 0.5 * jnp.sum(r * r, axis=-1)
 
 
-def gradient_factors(spec: Spec, weights, k_CxD, v_CxD):
-    """Inputs h[l] [C, in] and output gradients d[l] [C, out] of every linear map at `weights`, such that
-    token i's inner gradient for map l is h[l][i]^T d[l][i]; and the per-token loss [C].
+def gradient_factors(spec: Spec, weights, k_KxI, v_KxD, delta_K=None):
+    """Inputs h[l] [K, in] and output gradients d[l] [K, out] of every linear map at `weights`, such that
+    token i's inner gradient for map l is h[l][i]^T d[l][i]; and the per-token loss [K].
 
     d[l] is the gradient of the summed loss with respect to a zero perturbation added to map l's output:
     token i's loss depends only on its own perturbation, so row i is token i's own gradient.
@@ -107,27 +160,29 @@ def gradient_factors(spec: Spec, weights, k_CxD, v_CxD):
             inputs.append(h)
             return h @ weights[layer] + perturbations[layer]
 
-        losses_C = objective_value(spec, memory_apply(spec, linear, k_CxD), v_CxD)
-        return jnp.sum(losses_C), (inputs, losses_C)
+        losses_K = objective_value(spec, memory_apply(spec, linear, k_KxI), v_KxD, delta_K)
+        return jnp.sum(losses_K), (inputs, losses_K)
 
-    zeros = [jnp.zeros((k_CxD.shape[0], w.shape[1]), k_CxD.dtype) for w in weights]
-    deltas, (inputs, losses_C) = jax.grad(summed_loss, has_aux=True)(zeros)
-    return inputs, deltas, losses_C
+    zeros = [jnp.zeros((k_KxI.shape[0], w.shape[1]), k_KxI.dtype) for w in weights]
+    deltas, (inputs, losses_K) = jax.grad(summed_loss, has_aux=True)(zeros)
+    return inputs, deltas, losses_K
 
 
-def chunk_coefficients(lr_C, mom_C, keep_C):
-    """Coefficients of S_t (row 0) and M_t (row 1) on (S_0, M_0, u_1, .., u_C), for t = 0..C: [C+1, 2, C+2].
+def chunk_coefficients(lr_C, mom_C, keep_C, write_CxK=None):
+    """Coefficients of S_t (row 0) and A_t (row 1) on (S_0, A_0, g_1, .., g_K), t = 0..C: [C+1, 2, K+2].
 
-    Token t maps (S, M) to (eta_t S - theta_t u_t, keep_t M + eta_t S - theta_t u_t), an affine map whose
-    composition over the chunk is an associative scan of (2x2 matrix, 2 x (C+2) offset) pairs.
+    Token t maps (S, A) to (eta_t S + w_t . g, keep_t A + eta_t S + w_t . g), with write row w_t
+    (default -theta_t on the token's own gradient): an affine map whose composition over the chunk
+    is an associative scan of (2x2 matrix, 2 x (K+2) offset) pairs.
     """
-    c = lr_C.shape[0]
-    dtype = lr_C.dtype
+    c = mom_C.shape[0]
+    dtype = mom_C.dtype
+    write_CxK = jnp.diag(-lr_C) if write_CxK is None else write_CxK
+    k = write_CxK.shape[1]
     zero = jnp.zeros_like(mom_C)
     transition_Cx2x2 = jnp.stack([jnp.stack([mom_C, zero], -1), jnp.stack([mom_C, keep_C], -1)], -2)
-    write_CxC = jnp.diag(-lr_C)  # token t writes -theta_t u_t into both S and M
     offset_Cx2xK = jnp.concatenate(
-        [jnp.zeros((c, 2, 2), dtype), jnp.broadcast_to(write_CxC[:, None, :], (c, 2, c))], axis=-1
+        [jnp.zeros((c, 2, 2), dtype), jnp.broadcast_to(write_CxK[:, None, :], (c, 2, k))], axis=-1
     )
 
     def compose(earlier, later):
@@ -135,101 +190,199 @@ def chunk_coefficients(lr_C, mom_C, keep_C):
         return jnp.einsum("...ij,...jk->...ik", a2, a1), jnp.einsum("...ij,...jk->...ik", a2, b1) + b2
 
     prefix_Cx2x2, offsets_Cx2xK = jax.lax.associative_scan(compose, (transition_Cx2x2, offset_Cx2xK))
-    start_2xK = jnp.zeros((2, c + 2), dtype).at[0, 0].set(1.0).at[1, 1].set(1.0)
+    start_2xK = jnp.zeros((2, k + 2), dtype).at[0, 0].set(1.0).at[1, 1].set(1.0)
     after_Cx2xK = jnp.einsum("cij,jk->cik", prefix_Cx2x2, start_2xK) + offsets_Cx2xK
     return jnp.concatenate([start_2xK[None], after_Cx2xK], axis=0)
 
 
-def chunk_step(spec: Spec, weights, momentum, q_CxD, k_CxD, v_CxD, lr_C, mom_C, keep_C, with_after_loss=False):
-    """One chunk from the chunk-start state: outputs [C, D], the chunk-end (weights, momentum) and stats."""
-    inputs, deltas, loss_before_C = gradient_factors(spec, weights, k_CxD, v_CxD)
-    coef = chunk_coefficients(lr_C, mom_C, keep_C)
-    read = coef[1:, 1] if spec.read == "after" else coef[:-1, 1]  # M_t or M_{t-1} for token t: [C, C+2]
-    from_s0, from_m0, from_u = read[:, 0:1], read[:, 1:2], read[:, 2:]
+def newton_schulz(x_IxO, steps: int, eps: float = 1e-7):
+    """k iterations of Muon's quintic Newton-Schulz map: an odd matrix polynomial of x / ||x||_F that
+    pushes every singular value towards 1 (about [0.7, 1.2] after 5 steps), keeping the singular vectors."""
+    a, b, c = NS_COEFFICIENTS
+    tall = x_IxO.shape[0] > x_IxO.shape[1]
+    x = x_IxO.T if tall else x_IxO
+    x = x * jax.lax.rsqrt(jnp.sum(x * x) + eps)  # smooth at x = 0 (a zero update's gradient is finite)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+def effective_weights(spec: Spec, state, scale_from=None):
+    """The memory's weights from its state A (per map). qnorm divides by the scale of `scale_from`
+    (default: the state itself); inside a chunk that is the chunk-start state."""
+    if spec.retention == "softmax":
+        return [jax.nn.softmax(a, axis=-1) for a in state]
+    if spec.retention == "qnorm":
+        scale_from = state if scale_from is None else scale_from
+        return [a / qnorm_scale(spec, b) for a, b in zip(state, scale_from)]
+    return list(state)
+
+
+def qnorm_scale(spec: Spec, a):
+    """||A||_q^(q-2) (entrywise q-norm), Moneta's normaliser."""
+    norm = jnp.sum((a * a + spec.eps) ** (spec.q / 2)) ** (1.0 / spec.q)
+    return norm ** (spec.q - 2)
+
+
+def write_matrix(spec: Spec, lr_C, gamma_K):
+    """Row t: the coefficients of the K = C + c - 1 window gradients in token t's write (-theta_t gamma_i
+    over the c tokens ending at t; muon's momentum takes the gradients unscaled: -gamma_i)."""
+    c, window = lr_C.shape[0], spec.window
+    t, i = jnp.arange(c)[:, None], jnp.arange(c + window - 1)[None, :]
+    band_CxK = ((i >= t) & (i <= t + window - 1)).astype(gamma_K.dtype) * gamma_K[None, :]
+    scale = jnp.ones_like(lr_C) if spec.optimizer == "muon" else lr_C
+    return -scale[:, None] * band_CxK
+
+
+def chunk_step(spec: Spec, state, momentum, chunk, with_after_loss=False):
+    """One chunk from the chunk-start state: outputs [C, D], the chunk-end (state, momentum) and stats.
+
+    chunk: q [C, I], lr / mom / keep [C]; k [K, I], v [K, D], gamma [K] (and delta [K]) over the
+    window-extended chunk (the c - 1 tokens before it, then its C tokens).
+    """
+    weights = effective_weights(spec, state)
+    inputs, deltas, losses_K = gradient_factors(spec, weights, chunk["k"], chunk["v"], chunk.get("delta"))
+    mom = jnp.zeros_like(chunk["mom"]) if spec.optimizer == "gd" else chunk["mom"]
+    write = write_matrix(spec, chunk["lr"], chunk["gamma"])
+    coef = chunk_coefficients(chunk["lr"], mom, chunk["keep"], write)
+    step = chunk_step_materialised if spec.materialised else chunk_step_linear
+    y_CxD, new_state, new_momentum = step(spec, state, weights, momentum, inputs, deltas, coef, chunk)
+    window = spec.window - 1
+    stats = {"loss_before": jnp.mean(losses_K[window:])}
+    if with_after_loss:
+        after = apply_fixed(spec, effective_weights(spec, new_state), chunk["k"][window:])
+        stats["loss_after"] = jnp.mean(objective_value(spec, after, chunk["v"][window:], _tail(chunk, window)))
+    return y_CxD, new_state, new_momentum, stats
+
+
+def _tail(chunk, window):
+    return chunk["delta"][window:] if "delta" in chunk else None
+
+
+def _combine(row, state, momentum, inputs, deltas):
+    """sum of row's coefficients times (S_0, A_0, g_1..g_K), per map, without per-token copies."""
+    return [row[1] * a + row[0] * s + h.T @ (row[2:, None] * d) for a, s, h, d in zip(state, momentum, inputs, deltas)]
+
+
+def chunk_step_linear(spec, state, weights, momentum, inputs, deltas, coef, chunk):
+    read = coef[1:, 1] if spec.read == "after" else coef[:-1, 1]  # A_t or A_{t-1} for token t: [C, K+2]
+    from_s0, from_a0, from_g = read[:, 0:1], read[:, 1:2], read[:, 2:]
+    scales = [qnorm_scale(spec, a) for a in state] if spec.retention == "qnorm" else [1.0] * len(state)
 
     def linear(layer, h_CxI):
-        similarity_CxC = h_CxI @ inputs[layer].T
-        return (
-            from_m0 * (h_CxI @ weights[layer])
+        similarity_CxK = h_CxI @ inputs[layer].T
+        mixed = (
+            from_a0 * (h_CxI @ state[layer])
             + from_s0 * (h_CxI @ momentum[layer])
-            + (from_u * similarity_CxC) @ deltas[layer]
+            + (from_g * similarity_CxK) @ deltas[layer]
         )
+        return mixed / scales[layer]
 
-    y_CxD = memory_apply(spec, linear, q_CxD)
-    end_s, end_m = coef[-1, 0], coef[-1, 1]
+    y_CxD = memory_apply(spec, linear, chunk["q"])
+    return y_CxD, _combine(coef[-1, 1], state, momentum, inputs, deltas), _combine(coef[-1, 0], state, momentum, inputs, deltas)
 
-    def state_at_end(row):
-        return [
-            row[1] * w + row[0] * s + h.T @ (row[2:, None] * d)
-            for w, s, h, d in zip(weights, momentum, inputs, deltas)
-        ]
 
-    new_weights, new_momentum = state_at_end(end_m), state_at_end(end_s)
-    stats = {"loss_before": jnp.mean(loss_before_C)}
-    if with_after_loss:
-        stats["loss_after"] = jnp.mean(objective_value(spec, apply_fixed(spec, new_weights, k_CxD), v_CxD))
-    return y_CxD, new_weights, new_momentum, stats
+def _per_token(rows_CxK2, start, momentum, inputs, deltas):
+    """[C, in, out] per map: row t's combination of (S_0, A_0, g) formed for every token of the chunk."""
+    return [
+        rows_CxK2[:, 1, None, None] * a + rows_CxK2[:, 0, None, None] * s
+        + jnp.einsum("tk,ki,ko->tio", rows_CxK2[:, 2:], h, d)
+        for a, s, h, d in zip(start, momentum, inputs, deltas)
+    ]
+
+
+def chunk_step_materialised(spec, state, weights, momentum, inputs, deltas, coef, chunk):
+    if spec.optimizer == "muon":
+        s_t = _per_token(coef[1:, 0], state, momentum, inputs, deltas)
+        orthogonal = [jax.vmap(partial(newton_schulz, steps=spec.ns_steps))(s) for s in s_t]
+        # decay[t, s] = prod_{s < j <= t} keep_j as a masked sum of logs: no cancellation, and keep = 0
+        # (padding, or forgetting everything) stays finite in the backward.
+        c = chunk["keep"].shape[0]
+        log_keep_C = jnp.log(jnp.maximum(chunk["keep"], jnp.finfo(chunk["keep"].dtype).tiny))
+        t, s, j = jnp.arange(c)[:, None, None], jnp.arange(-1, c)[None, :, None], jnp.arange(c)[None, None, :]
+        log_decay = jnp.sum(jnp.where((s < j) & (j <= t), log_keep_C, 0.0), axis=-1)  # [C, 1 + C]; s = -1: A_0
+        decay = jnp.where(s[..., 0] <= t[..., 0], jnp.exp(log_decay), 0.0)
+        written_CxC = decay[:, 1:] * chunk["lr"][None, :]
+        a_t = [decay[:, 0, None, None] * a + jnp.einsum("ts,sio->tio", written_CxC, n) for a, n in zip(state, orthogonal)]
+        new_momentum = [x[-1] for x in s_t]
+    else:
+        a_t = _per_token(coef[1:, 1], state, momentum, inputs, deltas)
+        new_momentum = _combine(coef[-1, 0], state, momentum, inputs, deltas)
+    new_state = [x[-1] for x in a_t]
+    w_t = [jax.vmap(lambda a, a0=a0: effective_weights(spec, [a], [a0])[0])(x) for x, a0 in zip(a_t, state)]
+    if spec.read == "before":
+        w_t = [jnp.concatenate([w[None], x[:-1]], axis=0) for w, x in zip(weights, w_t)]
+    y_CxD = memory_apply(spec, lambda layer, h: jnp.einsum("ti,tio->to", h, w_t[layer]), chunk["q"])
+    return y_CxD, new_state, new_momentum
 
 
 def _largest_divisor_at_most(n: int, limit: int) -> int:
     return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
 
 
-def scan_chunks(spec: Spec, weights, momentum, streams, full_N, with_after_loss=False):
+def scan_chunks(spec: Spec, state, momentum, streams, full_N, with_after_loss=False):
     """Runs N chunks for a batch of sequences and heads.
 
-    weights / momentum: lists of [B, H, in, out]; streams: q, k, v [B, H, N*C, D] and lr, mom, keep
-    [B, H, N*C]; full_N: bool [N], whether chunk n is complete (an incomplete chunk is read but its end
-    state is not kept). Returns y [B, H, N*C, D], the state after the last complete chunk, and stats
-    (each [N], averaged over batch and heads).
+    state / momentum: lists of [B, H, in, out]. streams: q [B, H, N*C, I] and lr, mom, keep [B, H, N*C]
+    over the chunks' tokens; k [B, H, c-1 + N*C, I], v [..., D], gamma (and delta) [B, H, c-1 + N*C] over
+    the c - 1 tokens before the first chunk and then the chunks' tokens (Omega window c). full_N: bool
+    [N], whether chunk n is complete (an incomplete chunk is read but its end state is not kept).
+    Returns y [B, H, N*C, D], the state after the last complete chunk, and stats (each [N], averaged
+    over batch and heads).
     """
-    c = spec.chunk
+    c, window = spec.chunk, spec.window - 1
     n = full_N.shape[0]
+    extended = jnp.arange(n)[:, None] * c + jnp.arange(c + window)[None, :]  # [N, C + c - 1]
 
-    def per_chunk(x):  # [B, H, N*C, ...] -> [N, B, H, C, ...]
-        x = x.reshape(*x.shape[:2], n, c, *x.shape[3:])
-        return jnp.moveaxis(x, 2, 0)
+    def per_chunk(name, x):  # -> [N, B, H, C (or C + c - 1), ...]
+        if name in spec.window_streams:
+            return jnp.moveaxis(jnp.take(x, extended, axis=2), 2, 0)
+        return jnp.moveaxis(x.reshape(*x.shape[:2], n, c, *x.shape[3:]), 2, 0)
 
-    xs = {name: per_chunk(x) for name, x in streams.items()}
-    step = partial(chunk_step, spec, with_after_loss=with_after_loss)
-    step_bh = jax.vmap(jax.vmap(step))
+    xs = {name: per_chunk(name, x) for name, x in streams.items()}
+    step_bh = jax.vmap(jax.vmap(partial(chunk_step, spec, with_after_loss=with_after_loss)))
 
-    def one_chunk(state, chunk):
+    def one_chunk(carry, chunk):
         inputs, full = chunk
-        weights, momentum = state
-        y, new_w, new_s, stats = step_bh(
-            weights, momentum, inputs["q"], inputs["k"], inputs["v"], inputs["lr"], inputs["mom"], inputs["keep"]
-        )
+        state, momentum = carry
+        y, new_state, new_momentum, stats = step_bh(state, momentum, inputs)
         keep_new = lambda new, old: [jnp.where(full, a, b) for a, b in zip(new, old)]
         stats = jax.tree_util.tree_map(jnp.mean, stats)
-        return (keep_new(new_w, weights), keep_new(new_s, momentum)), (y, stats)
+        return (keep_new(new_state, state), keep_new(new_momentum, momentum)), (y, stats)
 
     group = _largest_divisor_at_most(n, spec.remat_chunks)
 
     @jax.checkpoint
-    def one_group(state, chunks):
-        return jax.lax.scan(one_chunk, state, chunks)
+    def one_group(carry, chunks):
+        return jax.lax.scan(one_chunk, carry, chunks)
 
     grouped = jax.tree_util.tree_map(lambda x: x.reshape(n // group, group, *x.shape[1:]), (xs, full_N))
-    (weights, momentum), (y, stats) = jax.lax.scan(one_group, (weights, momentum), grouped)
+    (state, momentum), (y, stats) = jax.lax.scan(one_group, (state, momentum), grouped)
     y = y.reshape(n, *y.shape[2:])  # [N, B, H, C, D]
     y = jnp.moveaxis(y, 0, 2).reshape(*y.shape[1:3], n * c, y.shape[-1])
     stats = jax.tree_util.tree_map(lambda s: s.reshape(n), stats)
-    return y, weights, momentum, stats
+    return y, state, momentum, stats
 
 
 def num_chunks(length: int, chunk: int) -> int:
     return max(1, math.ceil(length / chunk))
 
 
-def forward_flops_per_token(spec: Spec, dim: int) -> float:
-    """Forward FLOPs per token and head of the chunked algorithm (for analytic MFU): the keys' forward
-    and backward at the chunk-start state, the read (two matmuls against the state, the chunk's
-    similarities and mixing), the chunk-end state (weights and momentum) and the coefficient scan."""
-    c = spec.chunk
+def forward_flops_per_token(spec: Spec, in_dim: int, out_dim: int) -> float:
+    """Forward FLOPs per token and head of the chunked algorithm (for analytic MFU)."""
+    c, k = spec.chunk, spec.chunk + spec.window - 1
     total = 0.0
-    for fan_in, fan_out in layer_shapes(spec, dim):
-        total += 2 * fan_in * fan_out * 2  # keys: forward, and backward to the map's input
-        total += 2 * fan_in * fan_out * 2 + 2 * c * (fan_in + fan_out)  # read
-        total += 2 * fan_in * fan_out * 2  # chunk-end weights and momentum, amortised over C tokens
-    return total + 8.0 * (c + 2) * math.log2(max(c, 2))
+    for fan_in, fan_out in layer_shapes(spec, in_dim, out_dim):
+        mat = 2.0 * fan_in * fan_out
+        total += 2 * mat * k / c  # the window's keys: forward, and backward to the map's input
+        if spec.materialised:
+            total += mat * (k + 2)  # forming each token's weights
+            total += mat  # reading with them
+            if spec.optimizer == "muon":  # Newton-Schulz on [min, max]: 3 matmuls of min^2 max per step
+                small, large = min(fan_in, fan_out), max(fan_in, fan_out)
+                total += spec.ns_steps * 2.0 * (2 * small * small * large + small**3) + mat * c
+        else:
+            total += 2 * mat + 2.0 * k * (fan_in + fan_out)  # the read
+            total += 2 * mat * k / c  # chunk-end state and momentum, amortised over the chunk
+    return total + 8.0 * (k + 2) * math.log2(max(c, 2))

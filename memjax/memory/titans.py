@@ -87,11 +87,23 @@ class NeuralMemoryBlock(nnx.Module):
     defaults: dict = {
         "hybrid": "none",  # one of HYBRIDS
         "heads": 4,  # memory heads (each of width d_model / heads)
+        # The engine's choices (memjax.memory.engine): memory architecture, ...
+        "memory": "mlp",  # "mlp" (memory_depth linear maps) or "gated": W1(s(W2 x) * W3 x)
         "memory_depth": 2,  # linear maps in the memory MLP; 1 = linear memory
-        "memory_expansion": 4,  # MLP hidden width / head width
-        "activation": "gelu",  # exact GELU or SiLU inside the memory MLP
-        "memory_residual": False,  # M(x) = x + LN(MLP(x))
-        "objective": "l2",
+        "memory_expansion": 4,  # hidden width / head width
+        "activation": "gelu",  # exact GELU or SiLU inside the memory
+        "memory_residual": "none",  # "add": x + f(x); "norm": x + LN(f(x))
+        # ... inner objective ...
+        "objective": "l2",  # "l2", "lp" (Moneta), "huber" (Yaad, data-dependent threshold), "dot" (Hebbian)
+        "p_norm": 3.0,  # exponent of "lp"
+        "omega_window": 1,  # Omega rule: the inner loss sums the last c tokens (gated by gamma); 1 = online
+        # ... inner optimizer, retention and feature map.
+        "optimizer": "momentum",  # "gd", "momentum" (Titans) or "muon" (momentum, then Newton-Schulz: ATLAS)
+        "ns_steps": 5,  # Newton-Schulz iterations of "muon"
+        "retention": "decay",  # "decay" (1 - alpha), "qnorm" (Moneta), "softmax" (Memora's KL retention)
+        "q_norm": 4.0,  # exponent of "qnorm"
+        "feature_degree": 0,  # polynomial feature map on q, k of this degree (0 = identity)
+        "feature_learnable": True,  # its coefficients are parameters (else fixed at the truncated exp kernel)
         "read": "after",  # y_t = M_t(q_t) ("after" the token's write) or M_{t-1}(q_t) ("before")
         "chunk": 16,  # tokens per chunk: inner gradients are taken at the chunk-start state
         "remat_chunks": 4,  # chunks per rematerialisation group (one stored state per group)
@@ -100,6 +112,8 @@ class NeuralMemoryBlock(nnx.Module):
         "theta_init": 0.1,  # gate values at initialisation (their biases)
         "eta_init": 0.9,
         "alpha_init": 0.01,
+        "gamma_init": 0.9,  # Omega window weights
+        "delta_init": 1.0,  # Huber threshold
         "persistent_tokens": 0,
         "window": 128,  # sliding-window attention of mag / mal
         "segment": 64,  # segment length of mac (a multiple of chunk)
@@ -141,7 +155,7 @@ class NeuralMemoryBlock(nnx.Module):
             state["attention"] = self.attention.init_state(batch_size, max_len, dtype)
         if self.hybrid == "mac":
             shape = (batch_size, 2 * self.segment, self.attention.num_heads, self.attention.head_dim)
-            state.update({"segment_weights": state["memory"]["weights"], "k": jnp.zeros(shape, dtype),
+            state.update({"segment_memory": state["memory"]["memory"], "k": jnp.zeros(shape, dtype),
                           "v": jnp.zeros(shape, dtype), "index": jnp.zeros((), jnp.int32)})
         return state
 
@@ -185,11 +199,17 @@ class NeuralMemoryBlock(nnx.Module):
 
     # --- memory as context ----------------------------------------------------------------------
 
-    def retrieve(self, h_BxTxD, weights):
-        """Tokens read from fixed memory weights (per sequence and head) at queries from h."""
-        q = neural.l2_normalize(self.retrieve_query(h_BxTxD).astype(self.memory.inner_dtype(h_BxTxD)), self.eps)
-        read = jax.vmap(jax.vmap(lambda w, x: engine.apply_fixed(self.memory.spec, w, x), in_axes=(0, 1), out_axes=1))
-        return self.retrieve_out(read(weights, q).astype(h_BxTxD.dtype))
+    def retrieve(self, h_BxTxD, memory_state):
+        """Tokens read from a fixed memory state (per sequence and head) at queries from h."""
+        spec, inner = self.memory.spec, self.memory.inner_dtype(h_BxTxD)
+        q = neural.l2_normalize(self.retrieve_query(h_BxTxD).astype(inner), self.eps)
+        q = self.memory.features(q)
+
+        def read(state, x):
+            return engine.apply_fixed(spec, engine.effective_weights(spec, state), x)
+
+        read = jax.vmap(jax.vmap(read, in_axes=(0, 1), out_axes=1))
+        return self.retrieve_out(read(memory_state, q).astype(h_BxTxD.dtype))
 
     def _mac(self, x_BxTxD, state):
         h = self.memory_norm(x_BxTxD)
@@ -204,7 +224,7 @@ class NeuralMemoryBlock(nnx.Module):
         mask = jnp.concatenate([causal, causal], axis=-1)  # [r_<=t | x_<=t]
 
         def one_segment(mem_state, h_seg):
-            retrieved = self.retrieve(h_seg, mem_state["weights"])
+            retrieved = self.retrieve(h_seg, mem_state["memory"])
             q, k_h, v_h = self.attention.project(h_seg, pos)
             _, k_r, v_r = self.attention.project(retrieved, pos)
             y = self.attention.attend(q, jnp.concatenate([k_r, k_h], 1), jnp.concatenate([v_r, v_h], 1), mask)
@@ -228,11 +248,11 @@ class NeuralMemoryBlock(nnx.Module):
 
         def one_token(state, h_Bx1xD):
             i = state["index"] % s
-            segment_weights = jax.tree_util.tree_map(
-                lambda now, kept: jnp.where(i == 0, now, kept), state["memory"]["weights"], state["segment_weights"]
+            segment_memory = jax.tree_util.tree_map(
+                lambda now, kept: jnp.where(i == 0, now, kept), state["memory"]["memory"], state["segment_memory"]
             )
             pos = jnp.broadcast_to(i, (batch, 1))
-            retrieved = self.retrieve(h_Bx1xD, segment_weights)
+            retrieved = self.retrieve(h_Bx1xD, segment_memory)
             q, k_h, v_h = self.attention.project(h_Bx1xD, pos)
             _, k_r, v_r = self.attention.project(retrieved, pos)
             cache_k = jax.lax.dynamic_update_slice_in_dim(state["k"], k_r.astype(state["k"].dtype), i, axis=1)
@@ -243,7 +263,7 @@ class NeuralMemoryBlock(nnx.Module):
             mask = jnp.broadcast_to(slot <= i, (batch, 1, 2 * s))
             y = self.attention.attend(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask)
             remembered, mem_state, _ = self.memory.forward(y, state["memory"])
-            new = {"memory": mem_state, "segment_weights": segment_weights, "k": cache_k, "v": cache_v,
+            new = {"memory": mem_state, "segment_memory": segment_memory, "k": cache_k, "v": cache_v,
                    "index": state["index"] + 1}
             return new, self.gate(y, remembered)[0][:, 0]
 
@@ -259,7 +279,18 @@ class NeuralMemoryBlock(nnx.Module):
         field = f"model.{name}"
         require(p.hybrid in HYBRIDS, f"{field}.hybrid", f"{p.hybrid!r} is not one of {list(HYBRIDS)}")
         require(p.heads > 0 and d % p.heads == 0, f"{field}.heads", f"{p.heads} heads do not divide model.d_model={d}")
+        for key, options in (("memory", engine.MEMORIES), ("memory_residual", engine.RESIDUALS),
+                             ("optimizer", engine.OPTIMIZERS), ("retention", engine.RETENTIONS)):
+            require(p[key] in options, f"{field}.{key}", f"{p[key]!r} is not one of {list(options)}")
         require(p.memory_depth >= 1, f"{field}.memory_depth", f"must be >= 1, got {p.memory_depth}")
+        require(p.omega_window >= 1, f"{field}.omega_window", f"must be >= 1, got {p.omega_window}")
+        require(p.ns_steps >= 1, f"{field}.ns_steps", f"must be >= 1, got {p.ns_steps}")
+        require(p.p_norm >= 1, f"{field}.p_norm", f"must be >= 1, got {p.p_norm}")
+        require(p.q_norm >= 2, f"{field}.q_norm", f"must be >= 2, got {p.q_norm}")
+        require(0 <= p.feature_degree <= 4, f"{field}.feature_degree",
+                f"must lie in [0, 4] (phi's width grows as head_dim^degree), got {p.feature_degree}")
+        require(0 < p.gamma_init < 1, f"{field}.gamma_init", f"must lie in (0, 1), got {p.gamma_init}")
+        require(p.delta_init > 0, f"{field}.delta_init", f"must be positive, got {p.delta_init}")
         require(p.memory_expansion >= 1, f"{field}.memory_expansion", f"must be >= 1, got {p.memory_expansion}")
         require(p.activation in engine.ACTIVATIONS, f"{field}.activation",
                 f"{p.activation!r} is not one of {sorted(engine.ACTIVATIONS)}")
@@ -298,16 +329,21 @@ class NeuralMemoryBlock(nnx.Module):
         return memory_diagnostics(graphdef, params, batches)
 
 
-def _register(name: str, **defaults):
+def register_memory_block(name: str, **defaults):
+    """Registers the block under `name` with these defaults (the rest: NeuralMemoryBlock.defaults)."""
+    unknown = set(defaults) - set(NeuralMemoryBlock.defaults)
+    if unknown:
+        raise ValueError(f"{name}: unknown settings {sorted(unknown)}")
+    settings = ", ".join(f"{k}={v}" for k, v in defaults.items())
     cls = type(name, (NeuralMemoryBlock,), {"defaults": {**NeuralMemoryBlock.defaults, **defaults},
-                                            "__doc__": f"Titans block, hybrid={defaults.get('hybrid', 'none')}."})
+                                            "__doc__": f"Neural-memory block {name}: {settings}."})
     return register(name)(cls)
 
 
-TitansLMM = _register("titans_lmm", hybrid="none")
-TitansMAG = _register("titans_mag", hybrid="mag", persistent_tokens=4)
-TitansMAL = _register("titans_mal", hybrid="mal", persistent_tokens=4)
-TitansMAC = _register("titans_mac", hybrid="mac", persistent_tokens=4)
+TitansLMM = register_memory_block("titans_lmm", hybrid="none")
+TitansMAG = register_memory_block("titans_mag", hybrid="mag", persistent_tokens=4)
+TitansMAL = register_memory_block("titans_mal", hybrid="mal", persistent_tokens=4)
+TitansMAC = register_memory_block("titans_mac", hybrid="mac", persistent_tokens=4)
 
 
 def memory_layers(model) -> list[tuple[int, NeuralMemoryBlock]]:

@@ -28,7 +28,7 @@ import importlib
 BLOCKS: dict[str, type] = {}
 
 # Modules whose import registers blocks. A new block family adds its module here.
-_BLOCK_MODULES = ("memjax.models.attention", "memjax.memory.pkm", "memjax.memory.titans")
+_BLOCK_MODULES = ("memjax.models.attention", "memjax.memory.pkm", "memjax.memory.titans", "memjax.memory.miras")
 
 
 def register(name: str):

@@ -1,0 +1,170 @@
+"""ATLAS, the Miras models and DeepTransformers on the engine: the reductions of the neural-memory spec,
+and every registered neural-memory block in the model (carried state, causality, gradients)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from memjax.memory import engine, neural
+from tests.test_titans import VOCAB, assert_trees_close, build, random_problem, run_engine, variant_config
+
+FAMILIES = ("atlas", "omeganet", "moneta", "yaad", "memora", "deeptransformer", "dot")
+
+
+def test_atlas_with_one_token_window_identity_features_and_no_newton_schulz_is_titans():
+    """The atlas block with c = 1, phi = identity, the momentum optimizer and Titans' memory computes
+    exactly what titans_lmm computes with the same parameters."""
+    overrides = {"omega_window": 1, "feature_degree": 0, "optimizer": "momentum", "memory_residual": "none"}
+    atlas_cfg = variant_config("atlas", **{f"model.atlas.{k}": v for k, v in overrides.items()})
+    titans_cfg = variant_config("titans_lmm")
+    atlas_graphdef, params = build(atlas_cfg)
+    titans_graphdef, titans_params = build(titans_cfg)
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(titans_params)
+    ids = jax.random.randint(jax.random.key(0), (2, 13), 0, VOCAB)
+    run = lambda graphdef: jax.jit(lambda p: nnx.merge(graphdef, p)(ids)[0])(params)
+    np.testing.assert_array_equal(run(atlas_graphdef), run(titans_graphdef))
+
+
+def test_omega_window_gradient_equals_an_explicit_loop_over_the_window():
+    """One chunk with theta = 1, no momentum, no decay: A_end = A_0 - sum_t sum_{i = t-c+1..t} gamma_i
+    grad l_i(A_0), the banded write matrix against a double loop (tokens before the chunk included)."""
+    spec = engine.Spec(depth=2, expansion=2, window=3, chunk=6, optimizer="gd")
+    with jax.enable_x64(True):
+        weights, momentum, s = random_problem(np.random.default_rng(0), spec, length=6, initial_momentum=False)
+        s = {**s, "lr": jnp.ones(6), "keep": jnp.ones(6), "gamma": s["gamma"].at[:2].set(jnp.asarray([0.7, 0.4]))}
+        _, end, _, _ = run_engine(spec, weights, momentum, s)
+        expected = list(weights)
+        for t in range(6):
+            for i in range(t, t + spec.window):  # positions in the history-prefixed streams
+                grads = jax.grad(lambda ws: engine.objective_value(
+                    spec, engine.apply_fixed(spec, ws, s["k"][i : i + 1]), s["v"][i : i + 1])[0])(weights)
+                expected = [e - s["gamma"][i] * g for e, g in zip(expected, grads)]
+        assert_trees_close(end, expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (6, 16), (16, 6)])
+def test_newton_schulz_is_odd_and_pushes_singular_values_to_one(shape):
+    x = jax.random.normal(jax.random.key(1), shape) * 3.0
+    out = engine.newton_schulz(x, steps=5)
+    np.testing.assert_allclose(engine.newton_schulz(-x, steps=5), -out, atol=1e-6)
+    singular = np.linalg.svd(np.asarray(out), compute_uv=False)
+    assert singular.min() > 0.6 and singular.max() < 1.25, singular
+    before = np.linalg.svd(np.asarray(x), compute_uv=False)
+    assert singular.max() / singular.min() < min(2.0, before.max() / before.min())
+    # The singular vectors are kept: in x's singular bases, out is diagonal (its values: the map of x's).
+    u, _, vt = np.linalg.svd(np.asarray(x), full_matrices=False)
+    rotated = u.T @ np.asarray(out) @ vt.T
+    np.testing.assert_allclose(rotated, np.diag(np.diag(rotated)), atol=1e-4)
+    np.testing.assert_allclose(np.sort(np.diag(rotated)), np.sort(singular), atol=1e-4)
+
+
+def test_moneta_with_p_and_q_two_is_l2_gradient_descent_with_decay():
+    moneta = engine.Spec(depth=2, expansion=2, residual="norm", objective="lp", p=2.0, retention="qnorm", q=2.0,
+                         optimizer="gd", chunk=4)
+    l2 = engine.Spec(depth=2, expansion=2, residual="norm", objective="l2", retention="decay", optimizer="gd", chunk=4)
+    with jax.enable_x64(True):
+        weights, momentum, s = random_problem(np.random.default_rng(2), moneta)
+        assert_trees_close(run_engine(moneta, weights, momentum, s)[:3], run_engine(l2, weights, momentum, s)[:3],
+                           atol=1e-12)
+
+
+def test_yaad_below_its_threshold_is_l2_and_above_it_clips_the_step():
+    yaad = engine.Spec(depth=2, expansion=2, objective="huber", optimizer="gd", chunk=4)
+    l2 = engine.Spec(depth=2, expansion=2, objective="l2", optimizer="gd", chunk=4)
+    with jax.enable_x64(True):
+        weights, momentum, s = random_problem(np.random.default_rng(3), yaad)
+        wide = {**s, "delta": jnp.full_like(s["delta"], 1e6)}
+        assert_trees_close(run_engine(yaad, weights, momentum, wide)[:3], run_engine(l2, weights, momentum, s)[:3],
+                           atol=1e-12)
+        # Above the threshold the output gradient has norm delta (an L1-like step), not ||r||.
+        _, deltas, _ = engine.gradient_factors(yaad, weights, s["k"], s["v"] * 100, s["delta"])
+        np.testing.assert_allclose(np.linalg.norm(deltas[-1], axis=-1), s["delta"], rtol=1e-6)
+
+
+def test_memora_weights_stay_on_the_simplex():
+    spec = engine.Spec(depth=2, expansion=2, residual="norm", retention="softmax", optimizer="gd", chunk=4)
+    weights, momentum, s = random_problem(np.random.default_rng(4), spec, length=16)
+    _, state, _, _ = run_engine(spec, weights, momentum, {**s, "lr": s["lr"] * 5})
+    for w in engine.effective_weights(spec, state):
+        assert np.all(np.asarray(w) >= 0)
+        np.testing.assert_allclose(np.asarray(w).sum(-1), 1.0, rtol=1e-5)
+    assert not np.allclose(engine.effective_weights(spec, state)[0], engine.effective_weights(spec, weights)[0])
+
+
+@pytest.mark.parametrize("degree", [1, 2, 3])
+def test_linear_hebbian_memory_with_truncated_exp_features_is_unnormalised_softmax_attention(degree):
+    """M_0 = 0, theta = 1, no decay: y_t = phi(q_t) sum_{i<=t} phi(k_i)^T v_i = sum_{i<=t} kappa(q_t, k_i) v_i
+    with kappa(q, k) = sum_{j<=p} (q . k)^j / j!."""
+    spec = engine.Spec(depth=1, objective="dot", optimizer="gd", chunk=4)
+    dim, length = 3, 8
+    coefficients = [1 / math.sqrt(math.factorial(i)) for i in range(degree + 1)]
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(5)
+        q, k, v = (rng.normal(size=(length, dim)) for _ in range(3))
+        width = neural.feature_dim(dim, degree)
+        s = {"q": neural.features(jnp.asarray(q), coefficients, degree), "k": neural.features(jnp.asarray(k), coefficients, degree),
+             "v": jnp.asarray(v), "lr": jnp.ones(length), "mom": jnp.zeros(length), "keep": jnp.ones(length),
+             "gamma": jnp.ones(length)}
+        y, _, _, _ = run_engine(spec, [jnp.zeros((width, dim))], [jnp.zeros((width, dim))], s)
+        dots = q @ k.T
+        kernel = sum(dots**j / math.factorial(j) for j in range(degree + 1))
+        np.testing.assert_allclose(y, np.tril(kernel) @ v, atol=1e-10)
+
+
+# --- the blocks in the model --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_any_split_and_token_by_token_decoding_equal_one_call(name):
+    graphdef, params = build(variant_config(name))
+    ids = jax.random.randint(jax.random.key(6), (2, 11), 0, VOCAB)
+
+    @jax.jit
+    def run(params):
+        model = nnx.merge(graphdef, params)
+        whole, _ = model(ids)
+        states, pieces = model.init_states(2, 11), []
+        for a, b in [(0, 5), (5, 6), (6, 11)]:
+            logits, states = model(ids[:, a:b], states)
+            pieces.append(logits)
+
+        def decode(states, token_B):
+            logits, states = model(token_B[:, None], states)
+            return states, logits[:, 0]
+
+        _, decoded = jax.lax.scan(decode, model.init_states(2, 11), ids.T)
+        return whole, jnp.concatenate(pieces, axis=1), jnp.moveaxis(decoded, 0, 1)
+
+    whole, split, decoded = run(params)
+    np.testing.assert_allclose(split, whole, atol=2e-5)
+    np.testing.assert_allclose(decoded, whole, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_causality_and_gradients_of_every_family(name):
+    graphdef, params = build(variant_config(name))
+    ids = jax.random.randint(jax.random.key(7), (2, 13), 0, VOCAB)
+    forward = jax.jit(lambda p, ids: nnx.merge(graphdef, p)(ids)[0])
+    logits = forward(params, ids)
+    for t in (0, 6, 12):
+        changed = forward(params, ids.at[:, t].set((ids[:, t] + 1) % VOCAB))
+        np.testing.assert_array_equal(np.asarray(changed[:, :t]), np.asarray(logits[:, :t]))
+        assert not np.allclose(changed[:, t:], logits[:, t:])
+    grads = jax.jit(jax.grad(lambda p: jnp.mean(forward(p, ids) ** 2)))(params)
+    memory = grads["blocks"][0]["memory"]
+    for path, g in jax.tree_util.tree_leaves_with_path(memory):
+        assert np.isfinite(np.asarray(g)).all() and float(jnp.abs(g).max()) > 0, jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("hybrid", ["mag", "mal", "mac"])
+def test_atlas_in_each_hybrid(hybrid):
+    cfg = variant_config("atlas", **{"model.atlas.hybrid": hybrid, "model.atlas.persistent_tokens": 2})
+    graphdef, params = build(cfg)
+    assert "attention" in params["blocks"][0]
+    ids = jax.random.randint(jax.random.key(8), (1, 10), 0, VOCAB)
+    logits = jax.jit(lambda p: nnx.merge(graphdef, p)(ids)[0])(params)
+    assert np.isfinite(np.asarray(logits)).all()
