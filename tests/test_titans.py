@@ -388,3 +388,12 @@ def test_mac_segment_must_be_a_multiple_of_the_chunk_and_windows_fit_the_sequenc
         variant_config("titans_mac", **{"model.titans_mac.segment": 6})
     with pytest.raises(config.ConfigError, match="model.titans_mag.window"):
         variant_config("titans_mag", **{"model.titans_mag.window": 64})
+
+
+def test_model_flops_count_the_engine_not_the_memory_initial_state_as_matmuls():
+    cfg = variant_config("titans_lmm", **{"model.titans_lmm.persistent_tokens": 2})
+    _, params = build(cfg)
+    leaves = [(jax.tree_util.keystr(path), x) for path, x in jax.tree_util.tree_leaves_with_path(params)]
+    matmul = sum(x.size for path, x in leaves if x.ndim >= 2 and "initial_state" not in path and "persistent" not in path)
+    per_block = titans.TitansLMM.flops_per_token(cfg.model, 32)
+    assert lm.flops_per_token(cfg.model, VOCAB, 32) == 6 * matmul + cfg.model.num_layers * per_block

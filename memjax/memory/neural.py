@@ -245,12 +245,12 @@ class NeuralMemory(nnx.Module):
 
 
 def flops_per_token(p, d_model: int) -> float:
-    """Training FLOPs per token that are not parameter matmuls: the engine (3x its forward), the conv
-    and the feature map."""
+    """Training FLOPs per token that are not parameter matmuls: the engine (3x its forward) and the
+    feature map. (The conv is counted with the parameters: one multiply-add per weight and token.)"""
     dh = d_model // p.heads
     f = feature_dim(dh, p.feature_degree)
     engine_flops = engine.forward_flops_per_token(engine_spec(p, 1e-6), f, dh)
-    return 3.0 * (p.heads * (engine_flops + 4.0 * f) + 2.0 * p.conv_kernel * 3 * d_model)
+    return 3.0 * p.heads * (engine_flops + 4.0 * f)
 
 
 def _pad_time(x, pad: int):

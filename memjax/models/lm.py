@@ -83,9 +83,11 @@ def count_params(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
 
 
-# Logical axis of lookup tables (a memory's value table): rows are read, not multiplied, so they are
-# not matmul parameters; their blocks' flops_per_token count the lookup.
-LOOKUP_AXIS = "slots"
+# Parameters with one of these logical axes are not multiplied by every token, so 6 x parameters would
+# miscount them; their blocks' flops_per_token count their work: lookup tables (a memory's value
+# table: rows are read), a neural memory's initial state (the start of the inner loop, whose per-token
+# work is the engine's) and persistent tokens (inputs, not weights).
+NON_MATMUL_AXES = frozenset({"slots", "memory_in", "persistent"})
 
 
 def flops_per_token(model_cfg, vocab_size: int, seq_len: int) -> float:
@@ -94,7 +96,7 @@ def flops_per_token(model_cfg, vocab_size: int, seq_len: int) -> float:
     matmul_params = sum(
         int(np.prod(x.shape))
         for _, x in nnx.to_flat_state(nnx.state(model, nnx.Param))
-        if len(x.shape) >= 2 and LOOKUP_AXIS not in (x.get_metadata().get("logical_axes") or ())
+        if len(x.shape) >= 2 and not NON_MATMUL_AXES.intersection(x.get_metadata().get("logical_axes") or ())
     )
     if not model_cfg.tie_embeddings:
         matmul_params -= vocab_size * model_cfg.d_model  # the input embedding is a lookup, not a matmul
