@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from memjax.memory import engine, neural
-from tests.test_titans import VOCAB, assert_trees_close, build, random_problem, run_engine, variant_config
+from tests.test_titans import (VOCAB, assert_calls_equal_one_call, assert_trees_close, build, random_problem,
+                               run_engine, variant_config)
 
 FAMILIES = ("atlas", "omeganet", "moneta", "yaad", "memora", "deeptransformer", "dot")
 
@@ -120,28 +121,7 @@ def test_linear_hebbian_memory_with_truncated_exp_features_is_unnormalised_softm
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_any_split_and_token_by_token_decoding_equal_one_call(name):
-    graphdef, params = build(variant_config(name))
-    ids = jax.random.randint(jax.random.key(6), (2, 11), 0, VOCAB)
-
-    @jax.jit
-    def run(params):
-        model = nnx.merge(graphdef, params)
-        whole, _ = model(ids)
-        states, pieces = model.init_states(2, 11), []
-        for a, b in [(0, 5), (5, 6), (6, 11)]:
-            logits, states = model(ids[:, a:b], states)
-            pieces.append(logits)
-
-        def decode(states, token_B):
-            logits, states = model(token_B[:, None], states)
-            return states, logits[:, 0]
-
-        _, decoded = jax.lax.scan(decode, model.init_states(2, 11), ids.T)
-        return whole, jnp.concatenate(pieces, axis=1), jnp.moveaxis(decoded, 0, 1)
-
-    whole, split, decoded = run(params)
-    np.testing.assert_allclose(split, whole, atol=2e-5)
-    np.testing.assert_allclose(decoded, whole, atol=2e-5)
+    assert_calls_equal_one_call(name, length=11, splits=[(0, 5), (5, 6), (6, 11)])
 
 
 @pytest.mark.parametrize("name", FAMILIES)

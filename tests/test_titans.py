@@ -268,15 +268,19 @@ def build(cfg):
 def test_any_split_into_calls_and_token_by_token_decoding_equal_one_parallel_call(name):
     """Carried state: the memory's pending tokens, conv history, KV caches and (MAC) segment state make
     any split, including one token at a time, equal to the whole sequence in one call."""
+    assert_calls_equal_one_call(name, length=19, splits=[(0, 7), (7, 8), (8, 13), (13, 19)])
+
+
+def assert_calls_equal_one_call(name, length, splits):
+    """Logits of one call == of `splits` calls with carried state == of decoding token by token."""
     graphdef, params = build(variant_config(name))
-    ids = jax.random.randint(jax.random.key(1), (2, 19), 0, VOCAB)
-    splits = [(0, 7), (7, 8), (8, 13), (13, 19)]
+    ids = jax.random.randint(jax.random.key(1), (2, length), 0, VOCAB)
 
     @jax.jit
     def run(params):
         model = nnx.merge(graphdef, params)
         whole, _ = model(ids)
-        states, pieces = model.init_states(2, 19), []
+        states, pieces = model.init_states(2, length), []
         for a, b in splits:
             logits, states = model(ids[:, a:b], states)
             pieces.append(logits)
@@ -285,7 +289,7 @@ def test_any_split_into_calls_and_token_by_token_decoding_equal_one_parallel_cal
             logits, states = model(token_B[:, None], states)
             return states, logits[:, 0]
 
-        _, decoded = jax.lax.scan(decode, model.init_states(2, 19), ids.T)
+        _, decoded = jax.lax.scan(decode, model.init_states(2, length), ids.T)
         return whole, {"split": jnp.concatenate(pieces, axis=1), "tokens": jnp.moveaxis(decoded, 0, 1)}
 
     whole, outs = run(params)
