@@ -13,6 +13,7 @@ import os
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 ITEMS = ("params", "train", "data")
@@ -40,7 +41,7 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: dict, data_iterator) -> None:
-        train = {k: v for k, v in state.items() if k != "params"}
+        train = _nonempty({k: v for k, v in state.items() if k != "params"})
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -57,11 +58,11 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(abstract_state["params"]),
-                train=ocp.args.StandardRestore(abstract_train),
+                train=ocp.args.StandardRestore(_nonempty(abstract_train)),
                 data=grain.checkpoint.CheckpointRestore(data_iterator),
             ),
         )
-        return {"params": restored["params"], **restored["train"]}
+        return {"params": restored["params"], **_with_empty(abstract_train, restored["train"])}
 
     def restore_latest(self, abstract_state: dict, data_iterator) -> tuple[dict, int] | None:
         """(state, step) of the newest checkpoint that restores, or None if there is none.
@@ -111,3 +112,20 @@ def load_params(workdir: str, abstract_params: dict, step: int | None = None) ->
 
 def abstract_like(tree):
     return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+# orbax refuses zero-size arrays, and a carried memory can hold some (e.g. an Omega-window history of
+# c - 1 = 0 tokens). They carry no information: saved as one-element placeholders, rebuilt on restore.
+def _nonempty(tree):
+    def placeholder(x):
+        if x.size:
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct((1,), x.dtype)
+        return jnp.zeros((1,), x.dtype)
+
+    return jax.tree_util.tree_map(placeholder, tree)
+
+
+def _with_empty(abstract_tree, restored):
+    return jax.tree_util.tree_map(lambda a, x: x if a.size else jnp.zeros(a.shape, a.dtype), abstract_tree, restored)

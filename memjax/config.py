@@ -51,6 +51,18 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.model.dtype = "float32"  # compute dtype; parameters stay float32
     for name, defaults in registry.block_defaults().items():
         cfg.model[name] = ml_collections.ConfigDict(defaults)
+    # HMT (memjax.models.hmt): the decoder above wrapped in the Hierarchical Memory Transformer.
+    cfg.model.hmt = ml_collections.ConfigDict({
+        "enabled": False,
+        "segment_len": 128,  # L: new tokens per segment; train.seq_len must be a multiple of it
+        "sensory_tokens": 32,  # k: embeddings of the previous segment's last tokens prepended (0 = none)
+        "cache_size": 32,  # N: memory embeddings kept for the recall
+        "recall_dim": 256,  # h: width of the recall's query and key projections
+        "memory": True,  # memory tokens P_n around each segment (needed by the recall)
+        "recall": True,  # search the cache (stage 2); False: P_n is the learned P_0 (stage 1)
+        "causal": True,  # summarise the previous segment; False: the paper's own first half (leaks)
+        "bptt_segments": 0,  # gradients through at most this many segments of a call (0 = all)
+    })
 
     cfg.train = ml_collections.ConfigDict()
     cfg.train.seq_len = 256
@@ -71,6 +83,14 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.train.nonfinite = "halt"
     cfg.train.max_skipped_steps = 10
     cfg.train.inject_nan_at_step = 0  # fault-injection drill: make this step's loss NaN (0 = off)
+    # Segment recurrence over long documents (memjax.segments). >0: each of the batch's lanes reads whole
+    # documents in order, cut into segments of seq_len tokens; a step processes this many consecutive
+    # segments per lane, carrying each block's memory (init_carry) from segment to segment and from step
+    # to step, reset where a lane's next document starts. 0: packed rows, nothing carried.
+    cfg.train.segments_per_step = 0
+    cfg.train.bptt_segments = 0  # gradients flow through at most this many segments (0 = all of a step's)
+    cfg.train.carry_across_documents = False  # keep the memory at a document boundary instead of resetting
+    cfg.train.remat_segments = False  # recompute each segment's activations in the backward pass
 
     cfg.optim = ml_collections.ConfigDict()
     cfg.optim.lr = 3e-3
@@ -85,7 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
     # name -> {pattern: regex on the "/"-joined parameter path, lr_mult, weight_decay}; first match wins.
     cfg.optim.groups = ml_collections.ConfigDict()
     cfg.optim.groups.embeddings = ml_collections.ConfigDict(
-        {"pattern": r"^embed/", "lr_mult": 1.0, "weight_decay": 0.0}
+        {"pattern": r"(^|/)embed/", "lr_mult": 1.0, "weight_decay": 0.0}  # also under an HMT backbone/
     )
 
     cfg.data = ml_collections.ConfigDict()
@@ -179,6 +199,10 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
         )
     for name in sorted(set(names)):
         registry.BLOCKS[name].validate(cfg, _require)
+    if m.hmt.enabled:
+        from memjax.models import hmt  # lazily: hmt imports this module
+
+        hmt.validate(cfg, _require)
 
     for field in ("seq_len", "batch_size", "grad_accum_steps", "steps", "log_every", "eval_every"):
         _require(t[field] > 0, f"train.{field}", f"must be positive, got {t[field]}")
@@ -191,6 +215,16 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
         "train.grad_accum_steps",
         f"{t.grad_accum_steps} does not divide train.batch_size={t.batch_size}",
     )
+    for field in ("segments_per_step", "bptt_segments"):
+        _require(t[field] >= 0, f"train.{field}", f"must be >= 0, got {t[field]}")
+    if t.segments_per_step:
+        _require(t.grad_accum_steps == 1, "train.grad_accum_steps",
+                 "must be 1 with train.segments_per_step > 0 (each lane's memory runs through the whole batch)")
+        _require(t.bptt_segments <= t.segments_per_step, "train.bptt_segments",
+                 f"{t.bptt_segments} exceeds train.segments_per_step={t.segments_per_step}")
+    else:
+        for field in ("bptt_segments", "carry_across_documents", "remat_segments"):
+            _require(not t[field], f"train.{field}", "only applies with train.segments_per_step > 0")
     if num_devices:
         micro = t.batch_size // t.grad_accum_steps
         _require(

@@ -16,8 +16,8 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from memjax import checkpoint, config, flops, metrics, optim, reliability
-from memjax.data import get_tokenizer, make_lm_iterator
+from memjax import checkpoint, config, flops, metrics, optim, reliability, segments
+from memjax.data import get_tokenizer, make_document_iterator, make_lm_iterator
 from memjax.models import lm
 
 log = logging.getLogger("memjax")
@@ -55,13 +55,20 @@ def init_state(run: Run, params=None) -> dict:
     key = jax.random.key(run.cfg.seed)
     if params is None:
         _, params = lm.build(run.cfg.model, run.vocab_size, key)
-    return {
+    state = {
         "params": params,
         "opt_state": run.tx.init(params),
         "step": jnp.zeros((), jnp.int32),
         "rng": jax.random.key_data(key),
         "nonfinite": reliability.initial_guard_state(),
     }
+    if run.cfg.train.segments_per_step:  # the lanes' memories, carried from step to step and checkpointed
+        state["carry"] = initial_carry(run, params, run.cfg.train.batch_size // jax.process_count())
+    return state
+
+
+def initial_carry(run: Run, params, batch_size: int):
+    return nnx.merge(run.graphdef, params).init_carry(batch_size)
 
 
 def abstract_state(run: Run) -> dict:
@@ -85,10 +92,21 @@ def make_train_step(run: Run):
 
     grad_fn = jax.value_and_grad(mean_loss)
 
+    def document_loss(params, batch, carry, loss_scale):
+        nats, count, _, carry = segments.document_loss_sums(
+            nnx.merge(run.graphdef, params), batch, carry, bptt=t.bptt_segments,
+            reset=not t.carry_across_documents, remat=t.remat_segments)
+        return nats / jnp.maximum(count, 1) * loss_scale, carry
+
+    document_grad_fn = jax.value_and_grad(document_loss, has_aux=True)
+
     def train_step(state, batch):
         step = state["step"] + 1  # the step being taken, 1-based as logged
         loss_scale = jnp.where(step == t.inject_nan_at_step, jnp.nan, 1.0) if t.inject_nan_at_step else 1.0
-        if accum == 1:
+        carry = None
+        if t.segments_per_step:  # validate() ensures accum == 1
+            (loss, carry), grads = document_grad_fn(state["params"], batch, state["carry"], loss_scale)
+        elif accum == 1:
             loss, grads = grad_fn(state["params"], batch, loss_scale)
         else:
             micro = jax.tree_util.tree_map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
@@ -113,15 +131,22 @@ def make_train_step(run: Run):
             "step": step,
             "nonfinite": guard,
         }
+        if carry is not None:
+            new_state["carry"] = keep(carry, state["carry"])
         return new_state, stats
 
     return jax.jit(train_step, donate_argnums=0)
 
 
-def evaluate(eval_fn, params, batches) -> dict[str, float]:
+def evaluate(eval_fn, params, batches, carry=None) -> dict[str, float]:
+    """Loss, bits/byte and perplexity over the batches; with a carry (document batches), eval_fn also
+    takes and returns it, so the lanes' memories run on from batch to batch."""
     nats = tokens = n_bytes = 0.0
     for batch in batches:
-        s_nats, s_tokens, s_bytes = eval_fn(params, batch)
+        if carry is None:
+            s_nats, s_tokens, s_bytes = eval_fn(params, batch)
+        else:
+            s_nats, s_tokens, s_bytes, carry = eval_fn(params, batch, carry)
         nats, tokens, n_bytes = nats + float(s_nats), tokens + float(s_tokens), n_bytes + float(s_bytes)
     loss = nats / tokens
     return {
@@ -131,12 +156,20 @@ def evaluate(eval_fn, params, batches) -> dict[str, float]:
     }
 
 
+def make_iterator(run: Run, split: str, shard_index: int, shard_count: int, *, shuffle: bool = True,
+                  repeat: bool = True):
+    """Packed rows, or whole documents in segments (train.segments_per_step > 0)."""
+    t = run.cfg.train
+    common = dict(seq_len=t.seq_len, batch_size=t.batch_size // shard_count, seed=run.cfg.seed,
+                  shard_index=shard_index, shard_count=shard_count, shuffle=shuffle, repeat=repeat)
+    if t.segments_per_step:
+        return make_document_iterator(run.cfg.data, run.tokenizer, split, segments=t.segments_per_step, **common)
+    return make_lm_iterator(run.cfg.data, run.tokenizer, split, **common)
+
+
 def _eval_batches(run: Run, shard_index: int, shard_count: int) -> list[dict]:
     t = run.cfg.train
-    iterator = make_lm_iterator(
-        run.cfg.data, run.tokenizer, "validation", seq_len=t.seq_len, batch_size=t.batch_size // shard_count,
-        seed=run.cfg.seed, shard_index=shard_index, shard_count=shard_count, shuffle=False, repeat=False,
-    )
+    iterator = make_iterator(run, "validation", shard_index, shard_count, shuffle=False, repeat=False)
     batches = []
     for batch in iterator:
         if len(batches) == t.eval_batches:
@@ -156,10 +189,7 @@ def train(cfg, workdir: str) -> dict[str, float]:
     t = cfg.train
     shard_index, shard_count = jax.process_index(), jax.process_count()
     # Data problems surface here, before the workdir is touched.
-    train_iter = make_lm_iterator(
-        cfg.data, run.tokenizer, "train", seq_len=t.seq_len, batch_size=t.batch_size // shard_count,
-        seed=cfg.seed, shard_index=shard_index, shard_count=shard_count,
-    )
+    train_iter = make_iterator(run, "train", shard_index, shard_count)
     eval_batches = _eval_batches(run, shard_index, shard_count)
     lock = reliability.WorkdirLock(workdir)
     try:
@@ -196,9 +226,17 @@ def _train_locked(run: Run, workdir: str, train_iter, eval_batches) -> dict[str,
     train_step = make_train_step(run)
     token_bytes = jnp.asarray(run.tokenizer.token_bytes, jnp.float32)
     token_bytes = jnp.pad(token_bytes, (0, run.vocab_size - token_bytes.shape[0]))
-    eval_fn = jax.jit(lambda params, batch: loss_sums(run.graphdef, params, batch, token_bytes))
+    if t.segments_per_step:
+        eval_fn = jax.jit(lambda params, batch, carry: segments.document_loss_sums(
+            nnx.merge(run.graphdef, params), batch, carry, reset=not t.carry_across_documents,
+            token_bytes=token_bytes))
+        # The blocks' diagnostics look at each segment alone.
+        diagnostic_batches = [{"inputs": b["inputs"].reshape(-1, t.seq_len)} for b in eval_batches]
+    else:
+        eval_fn = jax.jit(lambda params, batch: loss_sums(run.graphdef, params, batch, token_bytes))
+        diagnostic_batches = eval_batches
     writer = metrics.MetricsWriter(workdir)
-    tokens_per_step = t.batch_size * t.seq_len
+    tokens_per_step = t.batch_size * t.seq_len * max(t.segments_per_step, 1)
     last_stop = min(t.stop_at_step or t.steps, t.steps)
 
     def check_nonfinite():
@@ -222,8 +260,10 @@ def _train_locked(run: Run, workdir: str, train_iter, eval_batches) -> dict[str,
                     pending, interval_start = [], time.perf_counter()
                     check_nonfinite()
                 if eval_batches and (step % t.eval_every == 0 or step == t.steps):
-                    eval_metrics = evaluate(eval_fn, state["params"], eval_batches)
-                    eval_metrics.update(lm.eval_metrics(cfg.model, run.graphdef, state["params"], eval_batches))
+                    eval_carry = (initial_carry(run, state["params"], eval_batches[0]["inputs"].shape[0])
+                                  if t.segments_per_step else None)
+                    eval_metrics = evaluate(eval_fn, state["params"], eval_batches, eval_carry)
+                    eval_metrics.update(lm.eval_metrics(cfg.model, run.graphdef, state["params"], diagnostic_batches))
                     writer.write(step, eval_metrics)
                     last.update(eval_metrics)
                     shown = {k: v for k, v in eval_metrics.items() if "/layer" not in k}  # per-layer ones: tensorboard

@@ -41,6 +41,24 @@ def test_masks_causal_and_sliding_window():
     assert window.sum(axis=1).tolist() == [1, 2, 3, 3, 3, 3]
 
 
+@pytest.mark.parametrize("t, window, prefix", [(37, 8, 0), (64, 16, 3), (33, 1, 0), (16, 16, 2)])
+def test_blocked_sliding_window_attention_equals_the_masked_full_one(t, window, prefix):
+    """local_attend (blocks of `window` queries over their block and the previous one) == attend with
+    the T x T sliding-window mask, persistent prefix keys included; ragged T."""
+    rng = np.random.default_rng(t)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, t, 3, 4)), jnp.float32) for _ in range(3))
+    pos = jnp.broadcast_to(jnp.arange(t), (2, t))
+    mask = layers.attention_mask(pos, pos, window)
+    pk = pv = None
+    if prefix:
+        pk, pv = (jnp.asarray(rng.normal(size=(2, prefix, 3, 4)), jnp.float32) for _ in range(2))
+        expected = layers.attend(q, jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1),
+                                 jnp.concatenate([jnp.ones((2, t, prefix), bool), mask], -1))
+    else:
+        expected = layers.attend(q, k, v, mask)
+    np.testing.assert_allclose(layers.local_attend(q, k, v, window, pk, pv), expected, atol=2e-6)
+
+
 @pytest.mark.parametrize("pattern", ["attention", "swa", "swa,attention"])
 def test_perturbing_a_future_token_never_changes_earlier_logits(pattern):
     model, _ = make_model(**{"model.block_pattern": pattern})

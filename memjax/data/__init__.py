@@ -1,5 +1,6 @@
-"""Data: document sources, tokenizers and the packed language-model input pipeline."""
+"""Data: document sources, tokenizers, the packed language-model pipeline and whole-document segments."""
 
+from memjax.data.documents import make_document_iterator
 from memjax.data.pipeline import make_lm_iterator
 from memjax.data.sources import DataError, build_source, split_of
 from memjax.data.tokenizers import BPETokenizer, ByteTokenizer, Tokenizer, get_tokenizer
@@ -11,6 +12,7 @@ __all__ = [
     "Tokenizer",
     "get_tokenizer",
     "build_source",
+    "make_document_iterator",
     "make_lm_iterator",
     "split_of",
 ]

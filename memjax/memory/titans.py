@@ -50,13 +50,15 @@ class PrefixAttention(nnx.Module):
         q, k, v = jnp.unstack(self.qkv(x_BxTxD), axis=2)
         return layers.rope(q, positions_BxT, self.rope_base), layers.rope(k, positions_BxT, self.rope_base), v
 
+    def persistent_kv(self, batch: int, dtype):
+        _, pk, pv = jnp.unstack(self.qkv(self.persistent[...].astype(dtype)), axis=1)
+        return (jnp.broadcast_to(pk.astype(dtype), (batch, *pk.shape)),
+                jnp.broadcast_to(pv.astype(dtype), (batch, *pv.shape)))
+
     def attend(self, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS):
         """Attention over [persistent | given keys], the persistent ones always visible."""
         if self.num_persistent:
-            batch = q_BxTxHxK.shape[0]
-            _, pk, pv = jnp.unstack(self.qkv(self.persistent[...].astype(q_BxTxHxK.dtype)), axis=1)
-            pk = jnp.broadcast_to(pk.astype(k_BxSxHxK.dtype), (batch, *pk.shape))
-            pv = jnp.broadcast_to(pv.astype(v_BxSxHxK.dtype), (batch, *pv.shape))
+            pk, pv = self.persistent_kv(q_BxTxHxK.shape[0], k_BxSxHxK.dtype)
             k_BxSxHxK, v_BxSxHxK = jnp.concatenate([pk, k_BxSxHxK], 1), jnp.concatenate([pv, v_BxSxHxK], 1)
             visible = jnp.ones((*mask_BxTxS.shape[:2], self.num_persistent), bool)
             mask_BxTxS = jnp.concatenate([visible, mask_BxTxS], axis=-1)
@@ -71,6 +73,9 @@ class PrefixAttention(nnx.Module):
         start = jnp.zeros((), jnp.int32) if state is None else state["index"]
         pos_BxT = jnp.broadcast_to(start + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         q, k, v = self.project(x_BxTxD, pos_BxT)
+        if state is None and 0 < self.window < seq:  # O(T x window), no T x T scores
+            pk, pv = self.persistent_kv(batch, k.dtype) if self.num_persistent else (None, None)
+            return self.out(layers.local_attend(q, k, v, self.window, pk, pv)), None
         if state is None:
             return self.attend(q, k, v, layers.attention_mask(pos_BxT, pos_BxT, self.window)), None
         cache_k = jax.lax.dynamic_update_slice_in_dim(state["k"], k.astype(state["k"].dtype), start, axis=1)
@@ -159,6 +164,10 @@ class NeuralMemoryBlock(nnx.Module):
                           "v": jnp.zeros(shape, dtype), "index": jnp.zeros((), jnp.int32)})
         return state
 
+    def init_carry(self, batch_size: int, dtype):
+        """Segment recurrence carries the memory alone: attention (MAG / MAL / MAC) sees each segment."""
+        return {"memory": self.memory.init_state(batch_size)}
+
     def gate(self, attended_BxTxD, memory_BxTxD):
         """W_o(RMSNorm(attention) * sigmoid(RMSNorm(memory))): the memory gates the attention.
         Returns the output and the gate's mean (a diagnostic)."""
@@ -175,14 +184,16 @@ class NeuralMemoryBlock(nnx.Module):
             x_BxTxD = x_BxTxD + out
         elif self.hybrid == "mag":
             h = self.memory_norm(x_BxTxD)
-            attended, attn_state = self.attention(h, None if state is None else state["attention"])
+            attended, attn_state = self.attention(h, None if state is None else state.get("attention"))
             remembered, mem_state = self.memory(h, mem_state)
             gated, gate_mean = self.gate(attended, remembered)
             x_BxTxD = x_BxTxD + gated
             if self.memory.record:
                 self.sow(nnx.Intermediate, "gate", gate_mean)
             if state is not None:
-                new_state.update(memory=mem_state, attention=attn_state)
+                new_state["memory"] = mem_state
+                if attn_state is not None:
+                    new_state["attention"] = attn_state
         else:
             remembered, mem_state = self.memory(self.memory_norm(x_BxTxD), mem_state)
             x_BxTxD = x_BxTxD + remembered
@@ -190,9 +201,9 @@ class NeuralMemoryBlock(nnx.Module):
                 new_state["memory"] = mem_state
             if self.hybrid == "mal":
                 attended, attn_state = self.attention(self.attention_norm(x_BxTxD),
-                                                      None if state is None else state["attention"])
+                                                      None if state is None else state.get("attention"))
                 x_BxTxD = x_BxTxD + attended
-                if state is not None:
+                if attn_state is not None:
                     new_state["attention"] = attn_state
         x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
         return x_BxTxD, new_state
@@ -212,8 +223,10 @@ class NeuralMemoryBlock(nnx.Module):
         return self.retrieve_out(read(memory_state, q).astype(h_BxTxD.dtype))
 
     def _mac(self, x_BxTxD, state):
+        """Segment-parallel from an empty (or carried, state={"memory"}) memory; token by token with
+        a decoding state (init_state)."""
         h = self.memory_norm(x_BxTxD)
-        if state is not None:
+        if state is not None and "k" in state:
             return self._mac_carried(h, state)
         batch, t, d = h.shape
         s = self.segment
@@ -232,14 +245,18 @@ class NeuralMemoryBlock(nnx.Module):
             gated, gate_mean = self.gate(y, remembered)
             return mem_state, (gated, gate_mean, diagnostics)
 
-        mem_state = self.memory.empty_state(batch, self.memory.inner_dtype(h))
-        if self.memory.num_persistent:
+        if state is not None:
+            mem_state = state["memory"]
+        elif self.memory.num_persistent:
             mem_state = self.memory.init_state(batch, self.memory.inner_dtype(h))
-        _, (out, gate_mean, diagnostics) = jax.lax.scan(one_segment, mem_state, segments)
+        else:
+            mem_state = self.memory.empty_state(batch, self.memory.inner_dtype(h))
+        mem_state, (out, gate_mean, diagnostics) = jax.lax.scan(one_segment, mem_state, segments)
         if self.memory.record:  # sown here, outside the scan: one record averaged over segments
             self.memory.sow(nnx.Intermediate, "diagnostics", jax.tree_util.tree_map(jnp.mean, diagnostics))
             self.sow(nnx.Intermediate, "gate", jnp.mean(gate_mean))
-        return jnp.moveaxis(out, 0, 1).reshape(batch, n * s, d)[:, :t], None
+        out = jnp.moveaxis(out, 0, 1).reshape(batch, n * s, d)[:, :t]
+        return out, (None if state is None else {"memory": mem_state})
 
     def _mac_carried(self, h_BxTxD, state):
         """Token by token (decoding; prompts): the same outputs as the segment-parallel path."""
@@ -311,6 +328,9 @@ class NeuralMemoryBlock(nnx.Module):
         if p.hybrid == "mac":
             require(p.segment >= 1 and p.segment % p.chunk == 0, f"{field}.segment",
                     f"must be a positive multiple of {field}.chunk={p.chunk}, got {p.segment}")
+            if cfg.train.segments_per_step:  # a padded tail segment would be written into the carried memory
+                require(cfg.train.seq_len % p.segment == 0, f"{field}.segment",
+                        f"must divide train.seq_len={cfg.train.seq_len} with train.segments_per_step > 0")
 
     @classmethod
     def flops_per_token(cls, model_cfg, seq_len: int) -> float:
@@ -340,10 +360,15 @@ def register_memory_block(name: str, **defaults):
     return register(name)(cls)
 
 
-TitansLMM = register_memory_block("titans_lmm", hybrid="none")
-TitansMAG = register_memory_block("titans_mag", hybrid="mag", persistent_tokens=4)
-TitansMAL = register_memory_block("titans_mal", hybrid="mal", persistent_tokens=4)
-TitansMAC = register_memory_block("titans_mac", hybrid="mac", persistent_tokens=4)
+# Inside a chunk every inner gradient is taken at the chunk-start weights and momentum sums them, so a
+# chunk moves the memory by about theta * C^2 / 2 gradients: with theta up to 1 (the engine's default)
+# the momentum memory of MAG / MAC is non-finite at initialisation already. theta <= 0.01 is also the
+# usual maximum inner learning rate of public Titans code.
+TITANS_STEP = {"theta_max": 0.01, "theta_init": 0.005}
+TitansLMM = register_memory_block("titans_lmm", hybrid="none", **TITANS_STEP)
+TitansMAG = register_memory_block("titans_mag", hybrid="mag", persistent_tokens=4, **TITANS_STEP)
+TitansMAL = register_memory_block("titans_mal", hybrid="mal", persistent_tokens=4, **TITANS_STEP)
+TitansMAC = register_memory_block("titans_mac", hybrid="mac", persistent_tokens=4, **TITANS_STEP)
 
 
 def memory_layers(model) -> list[tuple[int, NeuralMemoryBlock]]:

@@ -51,7 +51,9 @@ class AttentionLayer(nnx.Module):
         q_pos_BxT = jnp.broadcast_to(start + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         q_BxTxHxK = layers.rope(q_BxTxHxK, q_pos_BxT, self.rope_base)
         k_BxTxHxK = layers.rope(k_BxTxHxK, q_pos_BxT, self.rope_base)
-        if state is None:
+        if state is None and 0 < self.window < seq:
+            y_BxTxHxK = layers.local_attend(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, self.window)
+        elif state is None:
             mask_BxTxT = layers.attention_mask(q_pos_BxT, q_pos_BxT, self.window)
             y_BxTxHxK = layers.attend(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxTxT)
         else:

@@ -108,3 +108,33 @@ def attend(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS):
     scores_BxHxTxS = jnp.where(mask_BxTxS[:, None], scores_BxHxTxS, -1e30)
     probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1)
     return jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS.astype(v_BxSxHxK.dtype), v_BxSxHxK)
+
+
+def local_attend(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, window: int, prefix_k_BxPxHxK=None, prefix_v_BxPxHxK=None):
+    """Causal sliding-window self-attention (key s visible to query t when 0 <= t - s < window) in
+    O(T x window): queries in blocks of `window` attend to their own block and the previous one, so
+    nothing of size T x T is formed. Optional prefix keys/values (persistent tokens) are visible to
+    every query. Equals `attend` with `attention_mask(pos, pos, window)` (and the prefix)."""
+    batch, t, h, k = q_BxTxHxK.shape
+    w = window
+    n = -(-t // w)
+    pad = [(0, 0), (0, n * w - t), (0, 0), (0, 0)]
+    blocks = [jnp.pad(x, pad).reshape(batch, n, w, h, k) for x in (q_BxTxHxK, k_BxTxHxK, v_BxTxHxK)]
+    q_BxNxWxHxK, k_blocks, v_blocks = blocks
+    previous = lambda x: jnp.pad(x, [(0, 0), (1, 0), (0, 0), (0, 0), (0, 0)])[:, :-1]  # block i-1 (zeros for 0)
+    k_BxNx2WxHxK = jnp.concatenate([previous(k_blocks), k_blocks], axis=2)
+    v_BxNx2WxHxK = jnp.concatenate([previous(v_blocks), v_blocks], axis=2)
+    t_W = jnp.arange(w)[:, None] + w  # query and key positions relative to the previous block's start
+    s_2W = jnp.arange(2 * w)[None, :]
+    block_ok_Nx1x2W = (jnp.arange(n)[:, None, None] > 0) | (s_2W >= w)[None]  # block 0 has no previous one
+    mask_NxWx2W = ((t_W - s_2W >= 0) & (t_W - s_2W < w))[None] & block_ok_Nx1x2W
+    if prefix_k_BxPxHxK is not None:
+        p = prefix_k_BxPxHxK.shape[1]
+        tile = lambda x: jnp.broadcast_to(x[:, None], (batch, n, p, h, k)).astype(k_BxNx2WxHxK.dtype)
+        k_BxNx2WxHxK = jnp.concatenate([tile(prefix_k_BxPxHxK), k_BxNx2WxHxK], axis=2)
+        v_BxNx2WxHxK = jnp.concatenate([tile(prefix_v_BxPxHxK), v_BxNx2WxHxK], axis=2)
+        mask_NxWx2W = jnp.concatenate([jnp.ones((n, w, p), bool), mask_NxWx2W], axis=-1)
+    fold = lambda x: x.reshape(batch * n, *x.shape[2:])
+    mask = jnp.broadcast_to(mask_NxWx2W[None], (batch, *mask_NxWx2W.shape))
+    y = attend(fold(q_BxNxWxHxK), fold(k_BxNx2WxHxK), fold(v_BxNx2WxHxK), fold(mask))
+    return y.reshape(batch, n * w, h, k)[:, :t]

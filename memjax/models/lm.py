@@ -37,8 +37,16 @@ class DecoderLM(nnx.Module):
         dtype = self.embed.dtype
         return [block.init_state(batch_size, max_len, dtype) for block in self.blocks]
 
+    def init_carry(self, batch_size: int) -> list:
+        """Per-block state carried from one segment of a document to the next (see memjax.segments):
+        constant in size, None for a block that sees each segment alone (e.g. attention)."""
+        dtype = self.embed.dtype
+        return [block.init_carry(batch_size, dtype) if hasattr(block, "init_carry") else None
+                for block in self.blocks]
+
     def __call__(self, ids_BxT, states=None):
-        """float32 logits [B, T, V] and the blocks' new states (None in, None out)."""
+        """float32 logits [B, T, V] and the blocks' new states (None in, None out). `states` is either
+        `init_states` (decoding) or `init_carry` (segment recurrence) or what a call returned."""
         x_BxTxD = self.embed(ids_BxT)
         new_states = []
         for i, block in enumerate(self.blocks):
@@ -49,9 +57,18 @@ class DecoderLM(nnx.Module):
         return logits_BxTxV, (None if states is None else new_states)
 
 
+def make_model(model_cfg, vocab_size: int, rngs: nnx.Rngs) -> nnx.Module:
+    """The model a config describes: the decoder, or a wrapper around it (HMT)."""
+    if uses_hmt(model_cfg):
+        from memjax.models.hmt import HMT  # lazily: hmt imports this module
+
+        return HMT(model_cfg, vocab_size, rngs=rngs)
+    return DecoderLM(model_cfg, vocab_size, rngs=rngs)
+
+
 def build(model_cfg, vocab_size: int, key) -> tuple[nnx.GraphDef, dict]:
     """The model's graph definition and its parameters as a pure dict of float32 arrays."""
-    model = DecoderLM(model_cfg, vocab_size, rngs=nnx.Rngs(params=key))
+    model = make_model(model_cfg, vocab_size, nnx.Rngs(params=key))
     graphdef, params = nnx.split(model, nnx.Param)
     return graphdef, nnx.to_pure_dict(params)
 
@@ -69,8 +86,17 @@ def abstract(model_cfg, vocab_size: int) -> tuple[nnx.GraphDef, dict]:
     return out["graphdef"], shapes
 
 
+def uses_hmt(model_cfg) -> bool:
+    return "hmt" in model_cfg and model_cfg.hmt.enabled  # configs saved before HMT existed lack the section
+
+
 def eval_metrics(model_cfg, graphdef, params, batches) -> dict[str, float]:
-    """Every block family's `eval_metrics` (see registry) on evaluation batches."""
+    """Every block family's `eval_metrics` (see registry) on evaluation batches; HMT's recall statistics
+    (its backbone's blocks are run by HMT, segment by segment, not by their own diagnostics)."""
+    if uses_hmt(model_cfg):
+        from memjax.models import hmt
+
+        return hmt.hmt_metrics(graphdef, params, batches)
     blocks = registry.load()
     families = dict.fromkeys(getattr(blocks[name], "eval_metrics", None) for name in sorted(set(block_names(model_cfg))))
     out = {}
@@ -85,14 +111,19 @@ def count_params(params) -> int:
 
 # Parameters with one of these logical axes are not multiplied by every token, so 6 x parameters would
 # miscount them; their blocks' flops_per_token count their work: lookup tables (a memory's value
-# table: rows are read), a neural memory's initial state (the start of the inner loop, whose per-token
-# work is the engine's) and persistent tokens (inputs, not weights).
-NON_MATMUL_AXES = frozenset({"slots", "memory_in", "persistent"})
+# table: rows are read), a neural memory's and LM2's initial state (the start of a recurrence whose
+# per-token work the block counts) and persistent tokens (inputs, not weights).
+NON_MATMUL_AXES = frozenset({"slots", "memory_in", "persistent", "lm2_slots"})
 
 
 def flops_per_token(model_cfg, vocab_size: int, seq_len: int) -> float:
-    """Analytic training FLOPs per token: 6 x matmul parameters + each block's own term."""
-    model = nnx.eval_shape(lambda: DecoderLM(model_cfg, vocab_size, rngs=nnx.Rngs(params=0)))
+    """Analytic training FLOPs per token: 6 x matmul parameters + each block's own term (HMT: its own
+    count of the backbone's passes per segment)."""
+    if uses_hmt(model_cfg):
+        from memjax.models import hmt
+
+        return hmt.flops_per_token(model_cfg, vocab_size, seq_len)
+    model = nnx.eval_shape(lambda: make_model(model_cfg, vocab_size, nnx.Rngs(params=0)))
     matmul_params = sum(
         int(np.prod(x.shape))
         for _, x in nnx.to_flat_state(nnx.state(model, nnx.Param))

@@ -16,6 +16,10 @@ methods every block provides:
 
 Optional:
 
+- `init_carry(batch_size, dtype)`: the state carried from one segment of a document to the next in
+  segment-recurrent training and long evaluation (memjax.segments): constant in size (a memory, not a
+  KV cache). Blocks without it carry nothing: each segment is processed alone (state None).
+
 - `eval_metrics(graphdef, params, batches)`: staticmethod; the block family's diagnostics on the
   evaluation batches (dicts with "inputs"), e.g. `memory/...` key usage or inner losses, logged with
   `eval/*`. Called once per family however many layers use it.
@@ -28,7 +32,7 @@ import importlib
 BLOCKS: dict[str, type] = {}
 
 # Modules whose import registers blocks. A new block family adds its module here.
-_BLOCK_MODULES = ("memjax.models.attention", "memjax.memory.pkm", "memjax.memory.titans", "memjax.memory.miras")
+_BLOCK_MODULES = ("memjax.models.attention", "memjax.memory.pkm", "memjax.memory.titans", "memjax.memory.miras", "memjax.memory.lm2")
 
 
 def register(name: str):

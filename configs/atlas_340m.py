@@ -1,0 +1,49 @@
+"""Paper-shaped ATLAS (Behrouz et al. 2025, arXiv 2505.23735), ~350M parameters: the atlas block (Omega
+rule over c = 4 tokens, Muon inner optimizer with 5 Newton-Schulz steps, degree-2 polynomial features,
+memory x + W1 s(W2 x)) alone (hybrid "none", no attention) in 22 layers of a d_model = 1024 decoder,
+4K context, BPE with a 32,768-token vocabulary, AdamW lr 4e-4 cosine, weight decay 0.1, bfloat16 compute.
+
+Memory heads: 64 of width 16, so that phi's width is 1 + 16 + 16^2 = 273 (16 heads of width 64 would give
+4,161 features per head, 415M parameters of initial memory state alone and ~6.6e12 FLOPs per token), and
+memory_expansion 2 (hidden width 32), which keeps Muon's per-token Newton-Schulz work at ~3.4e10 FLOPs per
+token in all (the expansion-4 default: ~1.3e11). 354M parameters (counted with lm.abstract); 22 layers
+rather than the Transformer++ 340M shape's 24 (383M) keep the count at the name.
+
+This file also holds `paper_config`, the shared shape of the paper-sized Miras configs
+(moneta_340m.py, yaad_340m.py, memora_340m.py). Meant for accelerators: 30,000 steps of 128 x 4096 tokens
+(15.7B tokens, the papers' budget for this size). `--config.model.atlas.hybrid=mag` (or mal, mac) gives the
+hybrids with sliding-window attention (window 512), `--config.model.atlas.memory=gated` Atlas++."""
+
+from memjax.config import base_config
+
+
+def paper_config(block: str, num_layers: int = 22, **memory):
+    """d_model 1024, `num_layers` layers of `block` (its settings updated with `memory`), 16 attention
+    heads (used by the hybrids), 4K context, BPE 32,768, AdamW 4e-4 cosine, wd 0.1, bfloat16."""
+    cfg = base_config()
+    m = cfg.model
+    m.d_model, m.num_layers, m.num_heads = 1024, num_layers, 16
+    m.block_pattern = block
+    m.dtype = "bfloat16"
+    m[block].hybrid = "none"
+    m[block].window = 512  # sliding-window attention of the mag / mal hybrids
+    m[block].segment = 512  # mac segments
+    m[block].update(memory)
+    cfg.train.seq_len = 4096
+    cfg.train.batch_size = 128  # 0.5M tokens per step
+    cfg.train.steps = 30_000
+    cfg.train.log_every = 50
+    cfg.train.eval_every = 1000
+    cfg.train.eval_batches = 16
+    cfg.train.checkpoint_every = 1000
+    cfg.optim.lr = 4e-4
+    cfg.optim.schedule = "cosine"
+    cfg.optim.warmup_steps = 2000
+    cfg.optim.weight_decay = 0.1
+    cfg.data.tokenizer = "bpe"
+    cfg.data.bpe_vocab_size = 32768
+    return cfg
+
+
+def get_config():
+    return paper_config("atlas", heads=64, memory_expansion=2)
