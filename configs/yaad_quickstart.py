@@ -3,7 +3,9 @@ then the SwiGLU FFN, no attention (hybrid "none", the paper's attention-free mod
 yaad memory (x + LN(W1 s(W2 x)), the Huber attentional bias with a learned threshold, gradient descent, retention by decay)
 over 8 memory heads of width 16 (expansion 2: hidden width 32; the defaults' 4 heads x expansion 4 take
 2.4x as long per step), on the embedded corpus on CPU.
-Step time STEP_TIME
+Step time about 1.7 s (100 steps with `--config.train.steps=100 --config.optim.warmup_steps=20`, on 2
+CPU cores shared with a test run; the quickstart Transformer takes 0.3 s on quiet cores): train loss 4.29
+over steps 1-20, 3.24 over steps 81-100, eval loss 2.94 at step 100. The 1000 steps here take ~30 minutes.
 """
 
 import os
