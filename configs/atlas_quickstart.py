@@ -1,10 +1,12 @@
-"""Quickstart ATLAS (arXiv 2505.23735) on CPU: sliding-window attention (window 64) and the atlas memory
-alternating over the quickstart's 4 layers (the atlas block alone, hybrid "none": x + Memory(norm x), then
-the SwiGLU FFN), with the registered atlas memory (x + W1 s(W2 x), Omega rule over c = 4 tokens, Muon with
+"""Quickstart ATLAS (arXiv 2505.23735) on CPU: the quickstart's 4 layers alternate between sliding-window
+attention (the swa block, window 64) and the atlas block (hybrid "none": x + Memory(norm x), then the
+SwiGLU FFN), with the registered atlas memory (x + W1 s(W2 x), Omega rule over c = 4 tokens, Muon with
 5 Newton-Schulz steps, degree-2 polynomial features) over 16 memory heads of width 8 (phi(k) has
 1 + 8 + 8^2 = 73 features) and expansion 1, on the embedded corpus. Muon orthogonalises every token's
 momentum inside a chunk, which is the cost of this block on CPU: batch 4.
-STEP_TIME
+Step time about 2.5 s for 4 x 256 tokens (100 steps with `--config.train.steps=100
+--config.optim.warmup_steps=20`, 2 CPU cores shared with a test run): train loss 4.74 over steps 1-20,
+3.29 over steps 81-100, eval loss 3.35 at step 100. The 500 steps here take ~25 minutes.
 """
 
 import os
