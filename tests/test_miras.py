@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from memjax.memory import engine, neural
+from memjax.memory import engine, neural, titans
 from tests.test_titans import (VOCAB, assert_calls_equal_one_call, assert_trees_close, build, random_problem,
                                run_engine, variant_config)
 
@@ -19,7 +19,8 @@ FAMILIES = ("atlas", "omeganet", "moneta", "yaad", "memora", "deeptransformer", 
 def test_atlas_with_one_token_window_identity_features_and_no_newton_schulz_is_titans():
     """The atlas block with c = 1, phi = identity, the momentum optimizer and Titans' memory computes
     exactly what titans_lmm computes with the same parameters."""
-    overrides = {"omega_window": 1, "feature_degree": 0, "optimizer": "momentum", "memory_residual": "none"}
+    overrides = {"omega_window": 1, "feature_degree": 0, "optimizer": "momentum", "memory_residual": "none",
+                 **titans.TITANS_STEP}
     atlas_cfg = variant_config("atlas", **{f"model.atlas.{k}": v for k, v in overrides.items()})
     titans_cfg = variant_config("titans_lmm")
     atlas_graphdef, params = build(atlas_cfg)
