@@ -14,7 +14,14 @@ This file also holds `paper_config`, the shared shape of the paper-sized Miras c
 (15.7B tokens, the papers' budget for this size). `--config.model.atlas.hybrid=mag` (or mal, mac) gives the
 hybrids with sliding-window attention (window 512), `--config.model.atlas.memory=gated` Atlas++."""
 
-from memjax.config import base_config
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # config files load by path, not as a package
+
+from titans_170m import paper_recipe  # noqa: E402
+
+from memjax.config import base_config  # noqa: E402
 
 
 def paper_config(block: str, num_layers: int = 22, **memory):
@@ -29,19 +36,7 @@ def paper_config(block: str, num_layers: int = 22, **memory):
     m[block].window = 512  # sliding-window attention of the mag / mal hybrids
     m[block].segment = 512  # mac segments
     m[block].update(memory)
-    cfg.train.seq_len = 4096
-    cfg.train.batch_size = 128  # 0.5M tokens per step
-    cfg.train.steps = 30_000
-    cfg.train.log_every = 50
-    cfg.train.eval_every = 1000
-    cfg.train.eval_batches = 16
-    cfg.train.checkpoint_every = 1000
-    cfg.optim.lr = 4e-4
-    cfg.optim.schedule = "cosine"
-    cfg.optim.warmup_steps = 2000
-    cfg.optim.weight_decay = 0.1
-    cfg.data.tokenizer = "bpe"
-    cfg.data.bpe_vocab_size = 32768
+    paper_recipe(cfg)
     return cfg
 
 

@@ -29,6 +29,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # config files load by path, not as a package
 
 from lm2_quickstart import NO_DECAY  # noqa: E402
+from titans_170m import paper_recipe  # noqa: E402
 
 from memjax.config import base_config  # noqa: E402
 
@@ -45,18 +46,6 @@ def get_config():
     p.slot_width = 2048
     p.heads = 32
     p.segment = 1024  # 2 slot rows per token through the slot-side projections (see the docstring)
-    cfg.train.seq_len = 4096
-    cfg.train.batch_size = 128  # 0.5M tokens per step
-    cfg.train.steps = 30_000
-    cfg.train.log_every = 50
-    cfg.train.eval_every = 1000
-    cfg.train.eval_batches = 16
-    cfg.train.checkpoint_every = 1000
-    cfg.optim.lr = 4e-4
-    cfg.optim.schedule = "cosine"
-    cfg.optim.warmup_steps = 2000
-    cfg.optim.weight_decay = 0.1
+    paper_recipe(cfg)
     cfg.optim.groups.lm2_no_decay = NO_DECAY  # M0 is an initial state, not a weight
-    cfg.data.tokenizer = "bpe"
-    cfg.data.bpe_vocab_size = 32768
     return cfg

@@ -16,13 +16,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # config files l
 from quickstart import get_config as quickstart_config  # noqa: E402
 
 
-def get_config():
+def miras_quickstart(block: str, memory_expansion: int, steps: int):
+    """The quickstart model with `block` alone in every layer: 8 memory heads of width 16, chunk 16.
+    Shared by the Moneta, Yaad and Memora quickstarts."""
     cfg = quickstart_config()
-    cfg.model.block_pattern = "moneta"
-    p = cfg.model.moneta
+    cfg.model.block_pattern = block
+    p = cfg.model[block]
     p.hybrid = "none"
     p.heads = 8
-    p.memory_expansion = 2
+    p.memory_expansion = memory_expansion
     p.chunk = 16
-    cfg.train.steps = 1000
+    cfg.train.steps = steps
     return cfg
+
+
+def get_config():
+    return miras_quickstart("moneta", memory_expansion=2, steps=1000)

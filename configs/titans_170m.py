@@ -23,6 +23,25 @@ from memjax.config import base_config  # noqa: E402
 VARIANTS = ("titans_lmm", "titans_mag", "titans_mal", "titans_mac")
 
 
+def paper_recipe(cfg) -> None:
+    """The training recipe of the paper-shaped memory configs (Titans, ATLAS/Miras, LM2 here): 4K context,
+    128 x 4096 tokens per step for 30,000 steps (15.7B tokens), AdamW lr 4e-4 cosine with 2,000 warm-up
+    steps, weight decay 0.1, BPE with 32,768 tokens."""
+    cfg.train.seq_len = 4096
+    cfg.train.batch_size = 128  # 0.5M tokens per step
+    cfg.train.steps = 30_000
+    cfg.train.log_every = 50
+    cfg.train.eval_every = 1000
+    cfg.train.eval_batches = 16
+    cfg.train.checkpoint_every = 1000
+    cfg.optim.lr = 4e-4
+    cfg.optim.schedule = "cosine"
+    cfg.optim.warmup_steps = 2000
+    cfg.optim.weight_decay = 0.1
+    cfg.data.tokenizer = "bpe"
+    cfg.data.bpe_vocab_size = 32768
+
+
 def paper_config(d_model: int, num_layers: int, num_heads: int, memory_heads: int):
     cfg = base_config()
     m = cfg.model
@@ -35,20 +54,8 @@ def paper_config(d_model: int, num_layers: int, num_heads: int, memory_heads: in
         p.heads = memory_heads
         p.window = 512  # sliding-window attention of MAG / MAL
         p.segment = 512  # MAC
-    cfg.train.seq_len = 4096
-    cfg.train.batch_size = 128  # 0.5M tokens per step
-    cfg.train.steps = 30_000
-    cfg.train.log_every = 50
-    cfg.train.eval_every = 1000
-    cfg.train.eval_batches = 16
-    cfg.train.checkpoint_every = 1000
-    cfg.optim.lr = 4e-4
-    cfg.optim.schedule = "cosine"
-    cfg.optim.warmup_steps = 2000
-    cfg.optim.weight_decay = 0.1
+    paper_recipe(cfg)
     cfg.optim.groups.titans_no_decay = NO_DECAY  # the memory's 2-D biases and norm scales (see that file)
-    cfg.data.tokenizer = "bpe"
-    cfg.data.bpe_vocab_size = 32768
     return cfg
 
 

@@ -13,16 +13,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # config files load by path, not as a package
 
-from quickstart import get_config as quickstart_config  # noqa: E402
+from moneta_quickstart import miras_quickstart  # noqa: E402
 
 
 def get_config():
-    cfg = quickstart_config()
-    cfg.model.block_pattern = "yaad"
-    p = cfg.model.yaad
-    p.hybrid = "none"
-    p.heads = 8
-    p.memory_expansion = 2
-    p.chunk = 16
-    cfg.train.steps = 1000
-    return cfg
+    return miras_quickstart("yaad", memory_expansion=2, steps=1000)

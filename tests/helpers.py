@@ -28,3 +28,31 @@ def tiny_config(**overrides):
             target = target[part]
         target[name.split(".")[-1]] = value
     return cfg
+
+
+def split_and_decoded_logits(graphdef, params, ids_BxT, splits):
+    """Logits of one call, and of the same ids run as `splits` calls with carried state ("split") and
+    token by token ("tokens"), all from init_states: the decode-equivalence check of a block."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    batch, length = ids_BxT.shape
+
+    @jax.jit
+    def run(params):
+        model = nnx.merge(graphdef, params)
+        whole, _ = model(ids_BxT)
+        states, pieces = model.init_states(batch, length), []
+        for a, b in splits:
+            logits, states = model(ids_BxT[:, a:b], states)
+            pieces.append(logits)
+
+        def decode(states, token_B):
+            logits, states = model(token_B[:, None], states)
+            return states, logits[:, 0]
+
+        _, decoded = jax.lax.scan(decode, model.init_states(batch, length), ids_BxT.T)
+        return whole, {"split": jnp.concatenate(pieces, axis=1), "tokens": jnp.moveaxis(decoded, 0, 1)}
+
+    return run(params)

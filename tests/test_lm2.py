@@ -14,7 +14,7 @@ from memjax import config, trainer
 from memjax.memory import lm2
 from memjax.metrics import read_jsonl
 from memjax.models import lm
-from tests.helpers import tiny_config
+from tests.helpers import split_and_decoded_logits, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 64
@@ -166,24 +166,7 @@ def test_any_split_and_token_by_token_decoding_equal_one_call(x64, segment, leng
     layers = 2 if segment == 4 else 1
     graphdef, params = build(lm2_config(**{"model.lm2.segment": segment, "model.num_layers": layers}), float64=True)
     ids = jax.random.randint(jax.random.key(5), (2, length), 0, VOCAB)
-
-    @jax.jit
-    def run(params):
-        model = nnx.merge(graphdef, params)
-        whole, _ = model(ids)
-        states, pieces = model.init_states(2, length), []
-        for a, b in splits:
-            logits, states = model(ids[:, a:b], states)
-            pieces.append(logits)
-
-        def decode(states, token_B):
-            logits, states = model(token_B[:, None], states)
-            return states, logits[:, 0]
-
-        _, decoded = jax.lax.scan(decode, model.init_states(2, length), ids.T)
-        return whole, {"split": jnp.concatenate(pieces, axis=1), "tokens": jnp.moveaxis(decoded, 0, 1)}
-
-    whole, outs = run(params)
+    whole, outs = split_and_decoded_logits(graphdef, params, ids, splits)
     for label, logits in outs.items():
         np.testing.assert_allclose(logits, whole, atol=1e-5, rtol=0, err_msg=label)
 

@@ -10,7 +10,7 @@ from jax.test_util import check_grads
 from memjax import config
 from memjax.memory import engine, titans
 from memjax.models import lm
-from tests.helpers import tiny_config
+from tests.helpers import split_and_decoded_logits, tiny_config
 
 VOCAB = 64
 VARIANTS = ("titans_lmm", "titans_mag", "titans_mal", "titans_mac")
@@ -275,24 +275,7 @@ def assert_calls_equal_one_call(name, length, splits):
     """Logits of one call == of `splits` calls with carried state == of decoding token by token."""
     graphdef, params = build(variant_config(name))
     ids = jax.random.randint(jax.random.key(1), (2, length), 0, VOCAB)
-
-    @jax.jit
-    def run(params):
-        model = nnx.merge(graphdef, params)
-        whole, _ = model(ids)
-        states, pieces = model.init_states(2, length), []
-        for a, b in splits:
-            logits, states = model(ids[:, a:b], states)
-            pieces.append(logits)
-
-        def decode(states, token_B):
-            logits, states = model(token_B[:, None], states)
-            return states, logits[:, 0]
-
-        _, decoded = jax.lax.scan(decode, model.init_states(2, length), ids.T)
-        return whole, {"split": jnp.concatenate(pieces, axis=1), "tokens": jnp.moveaxis(decoded, 0, 1)}
-
-    whole, outs = run(params)
+    whole, outs = split_and_decoded_logits(graphdef, params, ids, splits)
     for label, logits in outs.items():
         np.testing.assert_allclose(logits, whole, atol=2e-5, err_msg=label)
 
