@@ -15,26 +15,19 @@ evaluation), training loss 4.79 over steps 1-20 falling to 2.36 at step 150, eva
 (3.45 bits per byte); 904K parameters, of which HMT's own 16.6K (1.8%).
 """
 
-from memjax.config import base_config
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # config files load by path, not as a package
+
+from quickstart import get_config as quickstart_config  # noqa: E402
 
 
 def get_config():
-    cfg = base_config()
-    cfg.model.d_model = 128
-    cfg.model.num_layers = 4
-    cfg.model.num_heads = 4
+    cfg = quickstart_config()  # the backbone and the schedule
     cfg.model.hmt.enabled = True
     cfg.model.hmt.segment_len = 64
     cfg.model.hmt.sensory_tokens = 8
     cfg.model.hmt.cache_size = 8
     cfg.model.hmt.recall_dim = 64
-    cfg.train.seq_len = 256
-    cfg.train.batch_size = 16
-    cfg.train.steps = 1200
-    cfg.train.log_every = 20
-    cfg.train.eval_every = 200
-    cfg.train.eval_batches = 8
-    cfg.train.checkpoint_every = 400
-    cfg.optim.lr = 3e-3
-    cfg.optim.warmup_steps = 100
     return cfg
