@@ -57,7 +57,7 @@ from flax import nnx
 from memjax import segments
 from memjax.config import block_names
 from memjax.models import layers, registry
-from memjax.models.lm import NON_MATMUL_AXES, DecoderLM
+from memjax.models.lm import DecoderLM, count_matmul_params
 
 
 def backbone_hidden(backbone: DecoderLM, x_BxTxD):
@@ -251,12 +251,7 @@ def flops_per_token(model_cfg, vocab_size: int, seq_len: int) -> float:
     seg = min(p.segment_len, seq_len)
     backbone = nnx.eval_shape(lambda: DecoderLM(model_cfg, vocab_size, rngs=nnx.Rngs(params=0)))
 
-    def matmul_params(module) -> int:  # as lm.flops_per_token counts them
-        leaves = [x for _, x in nnx.to_flat_state(nnx.state(module, nnx.Param))]
-        axes = lambda x: set(x.get_metadata().get("logical_axes") or ())
-        return sum(int(np.prod(x.shape)) for x in leaves if len(x.shape) >= 2 and not NON_MATMUL_AXES & axes(x))
-
-    per_position = 6.0 * (matmul_params(backbone.blocks) + matmul_params(backbone.shared))
+    per_position = 6.0 * (count_matmul_params(backbone.blocks) + count_matmul_params(backbone.shared))
     blocks, names = registry.load(), block_names(model_cfg)
 
     def backbone_pass(positions: int) -> float:

@@ -116,6 +116,15 @@ def count_params(params) -> int:
 NON_MATMUL_AXES = frozenset({"slots", "memory_in", "persistent", "lm2_slots"})
 
 
+def count_matmul_params(module) -> int:
+    """Parameters of `module` that multiply every token: matrices, less the NON_MATMUL_AXES ones."""
+    return sum(
+        int(np.prod(x.shape))
+        for _, x in nnx.to_flat_state(nnx.state(module, nnx.Param))
+        if len(x.shape) >= 2 and not NON_MATMUL_AXES.intersection(x.get_metadata().get("logical_axes") or ())
+    )
+
+
 def flops_per_token(model_cfg, vocab_size: int, seq_len: int) -> float:
     """Analytic training FLOPs per token: 6 x matmul parameters + each block's own term (HMT: its own
     count of the backbone's passes per segment)."""
@@ -124,11 +133,7 @@ def flops_per_token(model_cfg, vocab_size: int, seq_len: int) -> float:
 
         return hmt.flops_per_token(model_cfg, vocab_size, seq_len)
     model = nnx.eval_shape(lambda: make_model(model_cfg, vocab_size, nnx.Rngs(params=0)))
-    matmul_params = sum(
-        int(np.prod(x.shape))
-        for _, x in nnx.to_flat_state(nnx.state(model, nnx.Param))
-        if len(x.shape) >= 2 and not NON_MATMUL_AXES.intersection(x.get_metadata().get("logical_axes") or ())
-    )
+    matmul_params = count_matmul_params(model)
     if not model_cfg.tie_embeddings:
         matmul_params -= vocab_size * model_cfg.d_model  # the input embedding is a lookup, not a matmul
     blocks = registry.load()
