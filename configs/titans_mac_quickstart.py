@@ -3,7 +3,9 @@ each attending over [persistent tokens | tokens retrieved from the memory | the 
 written with the attention output and gating it, then the SwiGLU FFN; the quickstart's size, on the
 embedded corpus on CPU.
 Step time 0.68 s vs the quickstart's 0.30 s (measured on 2 CPU cores shared with another job: 6,000 vs
-13,500 tokens/s), so 1200 steps take about 14 minutes.
+13,500 tokens/s), so 1200 steps take about 14 minutes. A 100-step run (`--config.train.steps=100
+--config.optim.warmup_steps=20`, alongside the test suite): train loss 4.19 over steps 1-20, 2.90 over
+steps 81-100, eval loss 2.77.
 
 The memory's settings are configs/titans_lmm_quickstart.py's MEMORY (a linear memory with a small
 inner step size; its docstring says why)."""
