@@ -17,7 +17,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from memjax import flops, trainer
+from memjax import flops, parallel, trainer
 from memjax.data import ByteTokenizer
 from memjax.models import lm
 
@@ -29,13 +29,18 @@ flags.mark_flags_as_required(["config"])
 
 def benchmark(cfg, steps: int = 20, warmup: int = 3) -> dict[str, float]:
     run = trainer.setup(cfg, None, tokenizer=ByteTokenizer())
-    vocab = run.vocab_size
-    state = trainer.init_state(run)
+    with jax.set_mesh(run.mesh):
+        return _benchmark(run, steps, warmup)
+
+
+def _benchmark(run, steps: int, warmup: int) -> dict[str, float]:
+    cfg, vocab = run.cfg, run.vocab_size
+    state = trainer.initial_state(run)
     step_fn = trainer.make_train_step(run)
     rng = np.random.default_rng(0)
     shape = (cfg.train.batch_size, cfg.train.seq_len)
     batch = {"inputs": rng.integers(0, 256, shape, dtype=np.int32), "targets": rng.integers(0, 256, shape, dtype=np.int32)}
-    batch = jax.device_put(batch)
+    batch = parallel.global_batch(batch, run.mesh)
     for _ in range(warmup):
         state, stats = step_fn(state, batch)
     jax.block_until_ready(state)
@@ -51,7 +56,7 @@ def benchmark(cfg, steps: int = 20, warmup: int = 3) -> dict[str, float]:
     step_time = statistics.median(step_times)
     tokens_per_sec = cfg.train.batch_size * cfg.train.seq_len / step_time
     flops_per_token = lm.flops_per_token(cfg.model, vocab, cfg.train.seq_len)
-    measured_peak = max(peaks) * jax.device_count()
+    measured_peak = max(peaks) * run.mesh.size
     achieved = tokens_per_sec * flops_per_token
     result = {
         "params": float(lm.count_params(state["params"])),
@@ -64,7 +69,7 @@ def benchmark(cfg, steps: int = 20, warmup: int = 3) -> dict[str, float]:
     }
     if jax.devices()[0].platform != "cpu":
         table_peak, source = flops.device_peak(cfg.model.dtype)
-        result["datasheet_peak"] = table_peak * jax.device_count()
+        result["datasheet_peak"] = table_peak * run.mesh.size
         result["mfu_vs_datasheet"] = achieved / result["datasheet_peak"]
     return result
 

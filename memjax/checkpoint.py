@@ -11,21 +11,35 @@ from __future__ import annotations
 import logging
 import os
 
+import json
+
 import grain
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import multihost
 
 ITEMS = ("params", "train", "data")
 log = logging.getLogger("memjax")
 
 
-def directory(workdir: str) -> str:
+def directory(workdir: str, checkpoint_dir: str = "") -> str:
+    """A run's checkpoint directory: `train.checkpoint_dir` if set (a local path or a gs:// URL shared
+    by all hosts), else `<workdir>/checkpoints`. Without `checkpoint_dir`, the run's saved config.json
+    (if any) says where it checkpointed."""
+    if not checkpoint_dir:
+        saved = os.path.join(workdir, "config.json")
+        if os.path.exists(saved):
+            with open(saved, encoding="utf-8") as f:
+                checkpoint_dir = json.load(f).get("train", {}).get("checkpoint_dir", "")
+    if checkpoint_dir:
+        return checkpoint_dir if "://" in checkpoint_dir else os.path.abspath(checkpoint_dir)
     return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
 class Checkpointer:
-    def __init__(self, workdir: str, *, keep: int, async_save: bool, read_only: bool = False):
+    def __init__(self, directory: str, *, keep: int, async_save: bool, read_only: bool = False):
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep or None,
             enable_async_checkpointing=async_save,
@@ -34,7 +48,7 @@ class Checkpointer:
             # A save killed midway leaves only a *.orbax-checkpoint-tmp directory, never a step: remove it.
             cleanup_tmp_directories=not read_only,
         )
-        self.directory = directory(workdir)
+        self.directory = directory
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:
@@ -75,8 +89,10 @@ class Checkpointer:
             try:
                 restored = self.restore(step, abstract_state, data_iterator)
             except Exception as err:  # orbax/tensorstore raise many kinds; any of them means unusable
-                aside = os.path.join(self.directory, f"{step}.corrupt")
-                os.replace(os.path.join(self.directory, str(step)), aside)
+                aside = epath.Path(self.directory) / f"{step}.corrupt"
+                if jax.process_index() == 0:
+                    (epath.Path(self.directory) / str(step)).rename(aside)
+                multihost.sync_global_processes(f"memjax_set_aside_{step}")
                 self.manager.reload()  # forget the step, so training can save it again
                 log.warning("checkpoint at step %d cannot be restored (%s: %s); moved it to %s and trying the "
                             "previous one", step, type(err).__name__, str(err).splitlines()[0][:200], aside)
@@ -101,7 +117,7 @@ class Checkpointer:
 
 def load_params(workdir: str, abstract_params: dict, step: int | None = None) -> tuple[dict, int]:
     """Parameters of another run (latest checkpoint unless `step`), for sampling and `init_from`."""
-    ckpt = Checkpointer(workdir, keep=0, async_save=False, read_only=True)
+    ckpt = Checkpointer(directory(workdir), keep=0, async_save=False, read_only=True)
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint under {directory(workdir)}")
@@ -120,12 +136,16 @@ def _nonempty(tree):
     def placeholder(x):
         if x.size:
             return x
+        sharding = getattr(x, "sharding", None)
+        replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()) if isinstance(
+            sharding, jax.sharding.NamedSharding) else None
         if isinstance(x, jax.ShapeDtypeStruct):
-            return jax.ShapeDtypeStruct((1,), x.dtype)
-        return jnp.zeros((1,), x.dtype)
+            return jax.ShapeDtypeStruct((1,), x.dtype, sharding=replicated)
+        return jnp.zeros((1,), x.dtype, device=replicated)
 
     return jax.tree_util.tree_map(placeholder, tree)
 
 
 def _with_empty(abstract_tree, restored):
-    return jax.tree_util.tree_map(lambda a, x: x if a.size else jnp.zeros(a.shape, a.dtype), abstract_tree, restored)
+    return jax.tree_util.tree_map(lambda a, x: x if a.size else jnp.zeros(a.shape, a.dtype, device=a.sharding),
+                                  abstract_tree, restored)

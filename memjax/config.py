@@ -25,6 +25,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 DATA_SOURCES = ("stdlib", "text", "jsonl", "arrayrecord")
 TOKENIZERS = ("byte", "bpe")
 NONFINITE_POLICIES = ("halt", "skip")
+DISTRIBUTED_MODES = ("auto", "on", "off")
 
 # Keys under these paths are free names (e.g. parameter groups); each value follows the sub-schema.
 _FREE_KEY_SCHEMAS = {
@@ -77,6 +78,8 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.train.keep_checkpoints = 3
     cfg.train.async_checkpoint = True
     cfg.train.init_from = ""  # workdir of another run: start from its latest parameters
+    # Where checkpoints go (default <workdir>/checkpoints); may be a gs:// bucket shared by all hosts.
+    cfg.train.checkpoint_dir = ""
     cfg.train.progress_bar = True
     # Non-finite loss or gradient norm: the update is never applied; "halt" stops the run with an error
     # naming the step, "skip" goes on and fails once more than `max_skipped_steps` steps were skipped.
@@ -107,6 +110,20 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.optim.groups.embeddings = ml_collections.ConfigDict(
         {"pattern": r"(^|/)embed/", "lr_mult": 1.0, "weight_decay": 0.0}  # also under an HMT backbone/
     )
+
+    # The device mesh (memjax.parallel): within-slice sizes of the data / fsdp / tensor axes and their
+    # across-slice (DCN) multiples; -1 = whatever the devices leave (at most one -1 in each group).
+    cfg.mesh = ml_collections.ConfigDict()
+    cfg.mesh.data = 1
+    cfg.mesh.fsdp = -1  # FSDP over every device by default: the batch and the weights are split
+    cfg.mesh.tensor = 1
+    cfg.mesh.dcn_data = 1
+    cfg.mesh.dcn_fsdp = 1
+    cfg.mesh.dcn_tensor = 1
+    cfg.mesh.num_devices = 0  # use the first this many devices (0 = all of them)
+    # Multi-process start (jax.distributed.initialize): "auto" when the environment is a TPU pod, a
+    # multi-task SLURM job, mpirun or has JAX_COORDINATOR_ADDRESS; "on" always; "off" never.
+    cfg.mesh.distributed = "auto"
 
     cfg.data = ml_collections.ConfigDict()
     cfg.data.source = "stdlib"
@@ -173,8 +190,9 @@ def block_names(model_cfg) -> list[str]:
     return [pattern[i % len(pattern)] for i in range(model_cfg.num_layers)] if pattern else []
 
 
-def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-    """Raises ConfigError naming the first field that cannot work."""
+def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None, num_slices: int = 1) -> None:
+    """Raises ConfigError naming the first field that cannot work; with the device count (and slice
+    count), also checks the mesh against them."""
     _check_keys(base_config(), cfg, "")
     m, t, o, d = cfg.model, cfg.train, cfg.optim, cfg.data
 
@@ -225,12 +243,26 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     else:
         for field in ("bptt_segments", "carry_across_documents", "remat_segments"):
             _require(not t[field], f"train.{field}", "only applies with train.segments_per_step > 0")
+    _one_of(cfg.mesh.distributed, DISTRIBUTED_MODES, "mesh.distributed")
+    _require(cfg.mesh.num_devices >= 0, "mesh.num_devices", f"must be >= 0 (0 = all), got {cfg.mesh.num_devices}")
     if num_devices:
+        _require(cfg.mesh.num_devices <= num_devices, "mesh.num_devices",
+                 f"{cfg.mesh.num_devices} exceeds the {num_devices} devices present")
+        num_devices = cfg.mesh.num_devices or num_devices
+        from memjax import parallel  # lazily: it imports flax
+
+        try:
+            ici, dcn = parallel.mesh_shape(cfg.mesh, num_devices, num_slices)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        sizes = {axis: i * d for axis, i, d in zip(parallel.MESH_AXES, ici, dcn)}
+        lanes = sizes["data"] * sizes["fsdp"]
         micro = t.batch_size // t.grad_accum_steps
         _require(
-            micro % num_devices == 0,
+            micro % lanes == 0,
             "train.batch_size",
-            f"micro-batch {micro} (batch_size / grad_accum_steps) is not divisible by {num_devices} devices",
+            f"micro-batch {micro} (batch_size / grad_accum_steps) is not divisible by the {lanes} batch "
+            f"shards of the mesh (data={sizes['data']} x fsdp={sizes['fsdp']})",
         )
 
     _require(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")

@@ -7,7 +7,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from memjax import config, reliability, trainer
+from memjax import config, parallel, reliability, trainer
 from memjax.data import DataError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
@@ -21,7 +21,10 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("memjax").setLevel(logging.INFO)
     try:
-        trainer.train(_CONFIG.value, _WORKDIR.value)
+        cfg = _CONFIG.value
+        config.validate(cfg)  # a bad value is named before a multi-host start waits for its peers
+        parallel.initialize_distributed(cfg.mesh.distributed)  # before anything touches a device
+        trainer.train(cfg, _WORKDIR.value)
     except (config.ConfigError, DataError, reliability.NonFiniteError) as err:
         sys.exit(f"error: {err}")
 

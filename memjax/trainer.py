@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from memjax import checkpoint, config, flops, metrics, optim, reliability, segments
+from memjax import checkpoint, config, flops, metrics, optim, parallel, reliability, segments
 from memjax.data import get_tokenizer, make_document_iterator, make_lm_iterator
 from memjax.models import lm
 
@@ -33,11 +33,20 @@ class Run:
     graphdef: nnx.GraphDef
     tx: optax.GradientTransformation
     lr_schedule: optax.Schedule
+    mesh: jax.sharding.Mesh
+    shardings: dict  # NamedSharding of every train-state leaf (same tree as abstract_state)
 
 
-def setup(cfg, workdir: str | None, tokenizer=None) -> Run:
-    """Validates the config, loads the tokenizer (unless given) and builds the abstract model and optimizer."""
-    config.validate(cfg)
+def abstract_state(run: Run) -> dict:
+    """The train state as ShapeDtypeStructs carrying their shardings (what restores and AOT use)."""
+    return parallel.with_shardings(jax.eval_shape(lambda: init_state(run)), run.shardings)
+
+
+def setup(cfg, workdir: str | None, tokenizer=None, devices=None) -> Run:
+    """Validates the config, loads the tokenizer (unless given), builds the abstract model and optimizer,
+    the device mesh (over `devices`, default all) and the train state's shardings."""
+    devices = jax.devices() if devices is None else devices
+    config.validate(cfg, len(devices), parallel.slice_count(devices))
     if workdir:
         reliability.check_resume_config(workdir, cfg)
         if cfg.data.tokenizer == "bpe" and not cfg.data.tokenizer_path:
@@ -48,7 +57,22 @@ def setup(cfg, workdir: str | None, tokenizer=None) -> Run:
         reliability.check_resume_tokenizer(workdir, vocab_size, tokenizer)
     graphdef, abstract_params = lm.abstract(cfg.model, vocab_size)
     tx = optim.make(cfg.optim, abstract_params, cfg.train.steps)
-    return Run(cfg, tokenizer, vocab_size, graphdef, tx, optim.schedule(cfg.optim, cfg.train.steps))
+    mesh = parallel.make_mesh(cfg.mesh, devices)
+    run = Run(cfg, tokenizer, vocab_size, graphdef, tx, optim.schedule(cfg.optim, cfg.train.steps), mesh, {})
+    model = nnx.eval_shape(lambda: lm.make_model(cfg.model, vocab_size, nnx.Rngs(params=0)))
+    params_spec, replicated = parallel.param_specs(model, abstract_params, mesh, cfg.model)
+    for message in replicated:
+        log.warning("replicated, not sharded: %s", message)
+    specs = parallel.state_specs(jax.eval_shape(lambda: init_state(run)), params_spec, mesh)
+    run.shardings = parallel.named(mesh, specs)
+    return run
+
+
+def initial_state(run: Run, params=None) -> dict:
+    """A fresh train state, created directly in its shardings (never whole on one device)."""
+    if params is None:
+        return jax.jit(lambda: init_state(run), out_shardings=run.shardings)()
+    return jax.jit(lambda p: init_state(run, p), out_shardings=run.shardings)(params)
 
 
 def init_state(run: Run, params=None) -> dict:
@@ -63,16 +87,12 @@ def init_state(run: Run, params=None) -> dict:
         "nonfinite": reliability.initial_guard_state(),
     }
     if run.cfg.train.segments_per_step:  # the lanes' memories, carried from step to step and checkpointed
-        state["carry"] = initial_carry(run, params, run.cfg.train.batch_size // jax.process_count())
+        state["carry"] = initial_carry(run, params, run.cfg.train.batch_size)
     return state
 
 
 def initial_carry(run: Run, params, batch_size: int):
     return nnx.merge(run.graphdef, params).init_carry(batch_size)
-
-
-def abstract_state(run: Run) -> dict:
-    return jax.eval_shape(lambda: init_state(run))
 
 
 def loss_sums(graphdef, params, batch, token_bytes):
@@ -135,7 +155,9 @@ def make_train_step(run: Run):
             new_state["carry"] = keep(carry, state["carry"])
         return new_state, stats
 
-    return jax.jit(train_step, donate_argnums=0)
+    replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(train_step, in_shardings=(run.shardings, parallel.batch_sharding(run.mesh)),
+                   out_shardings=(run.shardings, replicated), donate_argnums=0)
 
 
 def evaluate(eval_fn, params, batches, carry=None) -> dict[str, float]:
@@ -191,11 +213,15 @@ def train(cfg, workdir: str) -> dict[str, float]:
     # Data problems surface here, before the workdir is touched.
     train_iter = make_iterator(run, "train", shard_index, shard_count)
     eval_batches = _eval_batches(run, shard_index, shard_count)
-    lock = reliability.WorkdirLock(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    # One lock per run: hosts of a multi-host run may share the workdir (e.g. NFS under SLURM).
+    lock = reliability.WorkdirLock(workdir) if jax.process_index() == 0 else None
     try:
-        return _train_locked(run, workdir, train_iter, eval_batches)
+        with jax.set_mesh(run.mesh):  # the sharded bag and activation constraints read it at trace time
+            return _train_locked(run, workdir, train_iter, eval_batches)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def _train_locked(run: Run, workdir: str, train_iter, eval_batches) -> dict[str, float]:
@@ -205,27 +231,31 @@ def _train_locked(run: Run, workdir: str, train_iter, eval_batches) -> dict[str,
             f.write(cfg.to_json(indent=2))
         reliability.write_run_info(workdir, cfg, run.vocab_size, run.tokenizer)
 
-    ckpt = checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoint)
-    restored = ckpt.restore_latest(abstract_state(run), train_iter)
+    ckpt = checkpoint.Checkpointer(checkpoint.directory(workdir, t.checkpoint_dir), keep=t.keep_checkpoints,
+                                   async_save=t.async_checkpoint)
+    abstract = abstract_state(run)
+    restored = ckpt.restore_latest(abstract, train_iter)
     if restored is not None:
         state, latest = restored
-        log.info("resumed from %s at step %d", checkpoint.directory(workdir), latest)
+        log.info("resumed from %s at step %d", ckpt.directory, latest)
     elif t.init_from:
-        params, source_step = checkpoint.load_params(t.init_from, lm.abstract(cfg.model, run.vocab_size)[1])
-        state = init_state(run, params)
+        params, source_step = checkpoint.load_params(t.init_from, abstract["params"])
+        state = initial_state(run, params)
         log.info("initialised parameters from %s (step %d)", t.init_from, source_step)
     else:
-        state = init_state(run)
+        state = initial_state(run)
+    log.info("mesh %s over %d devices", dict(run.mesh.shape), run.mesh.size)
 
     n_params = lm.count_params(state["params"])
     flops_per_token = lm.flops_per_token(cfg.model, run.vocab_size, t.seq_len)
     peak, peak_source = flops.device_peak(cfg.model.dtype)
-    peak *= jax.device_count()
+    peak *= run.mesh.size
     log.info("model: %s parameters, %.3g FLOPs/token; peak %.3g FLOP/s (%s)", f"{n_params:,}", flops_per_token, peak, peak_source)
 
     train_step = make_train_step(run)
     token_bytes = jnp.asarray(run.tokenizer.token_bytes, jnp.float32)
     token_bytes = jnp.pad(token_bytes, (0, run.vocab_size - token_bytes.shape[0]))
+    eval_batches = [parallel.global_batch(b, run.mesh) for b in eval_batches]
     if t.segments_per_step:
         eval_fn = jax.jit(lambda params, batch, carry: segments.document_loss_sums(
             nnx.merge(run.graphdef, params), batch, carry, reset=not t.carry_across_documents,
@@ -248,7 +278,7 @@ def _train_locked(run: Run, workdir: str, train_iter, eval_batches) -> dict[str,
     try:
         with reliability.StopRequest() as stop_request:
             while step < last_stop and not stop_request:
-                batch = next(train_iter)
+                batch = parallel.global_batch(next(train_iter), run.mesh)
                 state, stats = train_step(state, batch)
                 step += 1
                 pending.append(stats)

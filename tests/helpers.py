@@ -21,6 +21,7 @@ def tiny_config(**overrides):
     cfg.optim.warmup_steps = 5
     cfg.optim.lr = 1e-2
     cfg.data.prefetch = 0
+    cfg.mesh.num_devices = 1  # the sharding tests choose their meshes; the rest run on one device
     for key, value in overrides.items():
         section, name = key.split(".", 1) if "." in key else (None, key)
         target = cfg if section is None else cfg[section]

@@ -97,7 +97,7 @@ def test_sigterm_saves_and_exits_cleanly_and_the_next_launch_resumes(straight, t
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "SIGTERM received" in err and "stopped by SIGTERM" in err
-    saved = checkpoint.Checkpointer(str(tmp_path), keep=0, async_save=False, read_only=True).latest_step()
+    saved = checkpoint.Checkpointer(checkpoint.directory(str(tmp_path)), keep=0, async_save=False, read_only=True).latest_step()
     assert saved is not None and 5 <= saved < STEPS
     trainer.train(tiny_config(**BASE), str(tmp_path))
     assert_same_params(params_of(tmp_path, tiny_config(**BASE))[0], straight)

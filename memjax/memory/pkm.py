@@ -92,7 +92,7 @@ class ValueTable(nnx.Module):
         p = model_cfg.pkm
         v = value_dim(model_cfg)
         std = p.value_init_std or v**-0.5
-        self.table = layers.param(rngs, (p.n_keys**2, v), std, ("slots", "pkm_value"))
+        self.table = layers.param(rngs, (p.n_keys**2, v), std, ("value_rows", "value_cols"))
 
 
 class ProductKeyMemory(nnx.Module):

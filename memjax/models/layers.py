@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from memjax import parallel
+
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, axes: tuple[str, ...]) -> nnx.Param:
     assert len(shape) == len(axes), (shape, axes)
@@ -40,7 +42,10 @@ class Embed(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, ids_BxT):
-        return jnp.take(self.embedding[...], ids_BxT, axis=0).astype(self.dtype)
+        # Gathered whole before the lookup: a gather from a vocab/embed-sharded table cannot produce the
+        # batch-sharded rows without replicating them anyway (XLA's "involuntary rematerialization").
+        table_VxD = parallel.constrain(self.embedding[...], None, None)
+        return jnp.take(table_VxD, ids_BxT, axis=0).astype(self.dtype)
 
     def attend(self, x_BxTxD):
         """Logits against the embedding table (tied output head), in float32."""

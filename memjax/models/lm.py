@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from memjax import parallel
 from memjax.config import block_names
 from memjax.models import layers, registry
 
@@ -47,13 +48,16 @@ class DecoderLM(nnx.Module):
     def __call__(self, ids_BxT, states=None):
         """float32 logits [B, T, V] and the blocks' new states (None in, None out). `states` is either
         `init_states` (decoding) or `init_carry` (segment recurrence) or what a call returned."""
-        x_BxTxD = self.embed(ids_BxT)
+        residual = ("act_batch", "act_length", "act_embed")
+        x_BxTxD = parallel.constrain(self.embed(ids_BxT), *residual)
         new_states = []
         for i, block in enumerate(self.blocks):
             x_BxTxD, state = block(x_BxTxD, None if states is None else states[i])
+            x_BxTxD = parallel.constrain(x_BxTxD, *residual)
             new_states.append(state)
         x_BxTxD = self.final_norm(x_BxTxD)
         logits_BxTxV = self.embed.attend(x_BxTxD) if self.head is None else self.head(x_BxTxD).astype(jnp.float32)
+        logits_BxTxV = parallel.constrain(logits_BxTxV, "act_batch", "act_length", "act_vocab")
         return logits_BxTxV, (None if states is None else new_states)
 
 
@@ -113,7 +117,7 @@ def count_params(params) -> int:
 # miscount them; their blocks' flops_per_token count their work: lookup tables (a memory's value
 # table: rows are read), a neural memory's and LM2's initial state (the start of a recurrence whose
 # per-token work the block counts) and persistent tokens (inputs, not weights).
-NON_MATMUL_AXES = frozenset({"slots", "memory_in", "persistent", "lm2_slots"})
+NON_MATMUL_AXES = frozenset({"value_rows", "memory_in", "persistent", "lm2_slots"})
 
 
 def count_matmul_params(module) -> int:
