@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "linear", "constant")
-DATA_SOURCES = ("stdlib", "text", "jsonl", "arrayrecord")
+DATA_SOURCES = ("stdlib", "text", "jsonl", "arrayrecord", "task")
 TOKENIZERS = ("byte", "bpe")
 NONFINITE_POLICIES = ("halt", "skip")
 DISTRIBUTED_MODES = ("auto", "on", "off")
@@ -136,6 +136,12 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.data.bpe_vocab_size = 4096
     cfg.data.bpe_train_bytes = 20_000_000
     cfg.data.prefetch = 2
+    # data.source = "task": a generated task of memjax.tasks (memjax/data/task_batches.py). Its
+    # examples depend only on a task seed and their index: training uses `seed`, evaluation
+    # `task_eval_seed`, so the two must differ.
+    cfg.data.task = ""  # e.g. "mqar", "niah_single", "babi_qa1"
+    cfg.data.task_options = ""  # the task's options as "key=value,...", e.g. "num_kv_pairs=8,vocab_size=256"
+    cfg.data.task_eval_seed = 1_000_000
     return cfg
 
 
@@ -285,13 +291,37 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None, num
     _one_of(d.source, DATA_SOURCES, "data.source")
     _one_of(d.tokenizer, TOKENIZERS, "data.tokenizer")
     _require(
-        d.source == "stdlib" or bool(d.paths.strip()),
+        d.source in ("stdlib", "task") or bool(d.paths.strip()),
         "data.paths",
         f"data.source={d.source!r} needs data.paths (comma-separated globs)",
     )
     _require(0.0 < d.val_fraction < 1.0 or bool(d.val_paths), "data.val_fraction", "must lie in (0, 1)")
     _require(d.bpe_vocab_size >= 260, "data.bpe_vocab_size", "must be >= 260 (bytes + specials)")
     _require(d.prefetch >= 0, "data.prefetch", "must be >= 0")
+    if d.source == "task":
+        _validate_task(cfg)
+
+
+def _validate_task(cfg) -> None:
+    from memjax.data import task_batches  # lazily: it imports grain and the task generators
+
+    d = cfg.data
+    _one_of(d.task, tuple(sorted(task_batches.TASKS)), "data.task")
+    try:
+        options = task_batches.parse_task_options(d.task_options)
+    except ValueError as err:
+        raise ConfigError(f"config.data.task_options: {err}") from None
+    _require(cfg.seed >= 0, "seed", "must be >= 0 with data.source='task' (it seeds the training examples)")
+    _require(d.task_eval_seed >= 0 and d.task_eval_seed != cfg.seed, "data.task_eval_seed",
+             f"{d.task_eval_seed} must be >= 0 and differ from seed={cfg.seed}, or evaluation repeats training examples")
+    _require(d.tokenizer == "byte" or bool(d.tokenizer_path), "data.tokenizer",
+             "data.source='task' needs the byte tokenizer or a data.tokenizer_path (there is no corpus to train one on)")
+    _require(not cfg.train.segments_per_step, "train.segments_per_step",
+             "must be 0 with data.source='task' (a task's examples are rows, not documents)")
+    try:  # the task's own checks: its options, and whether train.seq_len holds an example
+        task_batches.build_task(d.task, cfg.train.seq_len, options, seed=cfg.seed)
+    except ValueError as err:
+        raise ConfigError(f"config.data.task_options: {d.task} at train.seq_len={cfg.train.seq_len}: {err}") from None
 
 
 def resolve_vocab_size(model_cfg, tokenizer_vocab: int) -> int:

@@ -17,7 +17,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from memjax import checkpoint, config, flops, metrics, optim, parallel, reliability, segments
-from memjax.data import get_tokenizer, make_document_iterator, make_lm_iterator
+from memjax.data import get_tokenizer, make_document_iterator, make_lm_iterator, task_batches
+from memjax.evaluate import TaskScorer
 from memjax.models import lm
 
 log = logging.getLogger("memjax")
@@ -55,6 +56,11 @@ def setup(cfg, workdir: str | None, tokenizer=None, devices=None) -> Run:
     vocab_size = config.resolve_vocab_size(cfg.model, tokenizer.vocab_size)
     if workdir:
         reliability.check_resume_tokenizer(workdir, vocab_size, tokenizer)
+    if cfg.data.source == "task":  # a task's token ids (e.g. MQAR's) must fit the embedding
+        task_vocab = getattr(task_batches.config_task(cfg, "train", tokenizer), "vocab_size", 0)
+        if task_vocab > vocab_size:
+            raise config.ConfigError(f"config.data.task_options: {cfg.data.task} draws token ids below {task_vocab}, "
+                                     f"beyond the model's vocabulary of {vocab_size}; raise model.vocab_size")
     graphdef, abstract_params = lm.abstract(cfg.model, vocab_size)
     tx = optim.make(cfg.optim, abstract_params, cfg.train.steps)
     mesh = parallel.make_mesh(cfg.mesh, devices)
@@ -96,19 +102,29 @@ def initial_carry(run: Run, params, batch_size: int):
 
 
 def loss_sums(graphdef, params, batch, token_bytes):
-    """Summed cross-entropy (nats), token count and byte count of the targets."""
+    """Summed cross-entropy (nats), token count and byte count of the targets; a batch with `weights`
+    (a task's scored positions) gives the weighted sums, so only scored targets count."""
     logits_BxTxV, _ = nnx.merge(graphdef, params)(batch["inputs"])
     nats_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"])
-    return nats_BxT.sum(), nats_BxT.size, jnp.take(token_bytes, batch["targets"]).sum()
+    bytes_BxT = jnp.take(token_bytes, batch["targets"])
+    if "weights" in batch:
+        w_BxT = batch["weights"]
+        return (nats_BxT * w_BxT).sum(), w_BxT.sum(), (bytes_BxT * w_BxT).sum()
+    return nats_BxT.sum(), nats_BxT.size, bytes_BxT.sum()
 
 
 def make_train_step(run: Run):
     t = run.cfg.train
     accum = t.grad_accum_steps
 
-    def mean_loss(params, batch, loss_scale):
+    def mean_loss(params, batch, loss_scale, weight_total=None):
         logits_BxTxV, _ = nnx.merge(run.graphdef, params)(batch["inputs"])
-        return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"]).mean() * loss_scale
+        nats_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"])
+        if weight_total is None:
+            return nats_BxT.mean() * loss_scale
+        # A task's loss: the scored targets' cross-entropy over the step's total weight (weight_total
+        # is that over grad_accum_steps), so the micro-batches add up to one weighted mean.
+        return (nats_BxT * batch["weights"]).sum() / weight_total * loss_scale
 
     grad_fn = jax.value_and_grad(mean_loss)
 
@@ -123,16 +139,19 @@ def make_train_step(run: Run):
     def train_step(state, batch):
         step = state["step"] + 1  # the step being taken, 1-based as logged
         loss_scale = jnp.where(step == t.inject_nan_at_step, jnp.nan, 1.0) if t.inject_nan_at_step else 1.0
-        carry = None
+        carry, weight_total = None, None
+        if "weights" in batch:
+            weight_total = batch["weights"].sum()
+            weight_total = jnp.where(weight_total > 0, weight_total, 1.0) / accum  # nothing scored: loss 0
         if t.segments_per_step:  # validate() ensures accum == 1
             (loss, carry), grads = document_grad_fn(state["params"], batch, state["carry"], loss_scale)
         elif accum == 1:
-            loss, grads = grad_fn(state["params"], batch, loss_scale)
+            loss, grads = grad_fn(state["params"], batch, loss_scale, weight_total)
         else:
             micro = jax.tree_util.tree_map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
 
             def add_micro(carry, micro_batch):
-                loss_i, grads_i = grad_fn(state["params"], micro_batch, loss_scale)
+                loss_i, grads_i = grad_fn(state["params"], micro_batch, loss_scale, weight_total)
                 return jax.tree_util.tree_map(jnp.add, carry, (loss_i, grads_i)), None
 
             zeros = (jnp.zeros(()), jax.tree_util.tree_map(jnp.zeros_like, state["params"]))
@@ -180,8 +199,14 @@ def evaluate(eval_fn, params, batches, carry=None) -> dict[str, float]:
 
 def make_iterator(run: Run, split: str, shard_index: int, shard_count: int, *, shuffle: bool = True,
                   repeat: bool = True):
-    """Packed rows, or whole documents in segments (train.segments_per_step > 0)."""
+    """Packed rows, whole documents in segments (train.segments_per_step > 0), or a generated task's
+    examples (data.source = "task"; evaluation batches keep the fields its metric needs)."""
     t = run.cfg.train
+    if run.cfg.data.source == "task":
+        return task_batches.make_task_lm_iterator(
+            run.cfg, run.tokenizer, split, batch_size=t.batch_size // shard_count, shard_index=shard_index,
+            shard_count=shard_count, shuffle=shuffle, repeat=repeat,
+            fields=task_batches.MODEL_FIELDS if split == "train" else None)
     common = dict(seq_len=t.seq_len, batch_size=t.batch_size // shard_count, seed=run.cfg.seed,
                   shard_index=shard_index, shard_count=shard_count, shuffle=shuffle, repeat=repeat)
     if t.segments_per_step:
@@ -255,7 +280,10 @@ def _train_locked(run: Run, workdir: str, train_iter, eval_batches) -> dict[str,
     train_step = make_train_step(run)
     token_bytes = jnp.asarray(run.tokenizer.token_bytes, jnp.float32)
     token_bytes = jnp.pad(token_bytes, (0, run.vocab_size - token_bytes.shape[0]))
+    host_eval_batches = eval_batches  # this process's rows, as numpy: what the task metric takes
     eval_batches = [parallel.global_batch(b, run.mesh) for b in eval_batches]
+    scorer = (TaskScorer(run.graphdef, cfg.data.task, run.mesh, run.tokenizer.eos_id)
+              if cfg.data.source == "task" else None)
     if t.segments_per_step:
         eval_fn = jax.jit(lambda params, batch, carry: segments.document_loss_sums(
             nnx.merge(run.graphdef, params), batch, carry, reset=not t.carry_across_documents,
@@ -294,6 +322,8 @@ def _train_locked(run: Run, workdir: str, train_iter, eval_batches) -> dict[str,
                                   if t.segments_per_step else None)
                     eval_metrics = evaluate(eval_fn, state["params"], eval_batches, eval_carry)
                     eval_metrics.update(lm.eval_metrics(cfg.model, run.graphdef, state["params"], diagnostic_batches))
+                    if scorer is not None:  # e.g. eval/mqar_accuracy
+                        eval_metrics[f"eval/{scorer.metric}"] = scorer.score(state["params"], host_eval_batches)
                     writer.write(step, eval_metrics)
                     last.update(eval_metrics)
                     shown = {k: v for k, v in eval_metrics.items() if "/layer" not in k}  # per-layer ones: tensorboard

@@ -1,0 +1,297 @@
+"""Plumbing shared by the studies (mqar.py, niah.py, babilong.py, scaling.py).
+
+A study is a list of runs, each a name and a function of its workdir that trains and scores and
+returns a dict. `Study.run_all` calls the function of every run whose `runs/<name>/result.json` does
+not exist yet and writes that file when the run is done: a rerun skips finished runs, and a run
+interrupted mid-training resumes from the checkpoints in its workdir (memjax.trainer resumes by
+itself). Outputs go to `experiments/results/<study>/` (or --out): results.csv, <study>.png and
+README.md, the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # run from a checkout without installing
+RESULTS = os.path.join(REPO, "experiments", "results")
+PRESETS = ("quick", "full")
+
+
+def parse_args(study: str, doc: str, argv=None) -> argparse.Namespace:
+    """--preset, --out and --only (run only the runs whose names contain it)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=PRESETS, default="quick",
+                        help="quick: minutes on a 2-core CPU; full: the paper-like grid, for accelerators")
+    parser.add_argument("--out", default="", help=f"output folder (default experiments/results/{study})")
+    parser.add_argument("--only", default="", help="run only the runs whose name contains this (the outputs "
+                                                     "still show every finished run)")
+    args = parser.parse_args(argv)
+    args.out = args.out or os.path.join(RESULTS, study)
+    return args
+
+
+def quiet() -> None:
+    """Keeps the console for the progress bars: orbax/grain log every checkpoint through absl."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)  # also orbax's notes on read-only checkpoint loads
+    logging.getLogger("memjax").setLevel(logging.WARNING)
+
+
+class Study:
+    def __init__(self, name: str, out_dir: str):
+        self.name, self.dir = name, out_dir
+        os.makedirs(self.dir, exist_ok=True)
+
+    def workdir(self, run: str) -> str:
+        return os.path.join(self.dir, "runs", run)
+
+    def _result_path(self, run: str) -> str:
+        return os.path.join(self.workdir(run), "result.json")
+
+    def result(self, run: str) -> dict | None:
+        """The finished run's result, or None."""
+        path = self._result_path(run)
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+
+    def run_all(self, runs: list[tuple[str, Callable[[str], dict]]], only: str = "") -> list[dict]:
+        """Results of the runs: finished ones read back, the others run now (each saved when done),
+        except that runs whose names lack `only` are not run (nor returned) unless finished."""
+        from tqdm import tqdm
+
+        runs = [(name, fn) for name, fn in runs if only in name or self.result(name) is not None]
+        names = [name for name, _ in runs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{self.name}: run names repeat: {names}")
+        results = []
+        todo = sum(self.result(name) is None for name in names)
+        with tqdm(total=len(runs), desc=f"{self.name} ({todo} to run)", unit="run", dynamic_ncols=True) as bar:
+            for name, fn in runs:
+                result = self.result(name)
+                if result is None:
+                    bar.set_postfix_str(name)
+                    start = time.perf_counter()
+                    result = {"run": name, **fn(self.workdir(name)), "seconds": time.perf_counter() - start}
+                    path = self._result_path(name)
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    with open(path + ".tmp", "w", encoding="utf-8") as f:
+                        json.dump(result, f, indent=1)
+                    os.replace(path + ".tmp", path)  # a result file is whole or absent
+                results.append(result)
+                bar.update(1)
+        return results
+
+    def path(self, filename: str) -> str:
+        return os.path.join(self.dir, filename)
+
+    def write_csv(self, rows: list[dict], filename: str = "results.csv") -> str:
+        fields = list(dict.fromkeys(key for row in rows for key in row))
+        with open(self.path(filename), "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        return self.path(filename)
+
+    def write_summary(self, title: str, paragraphs: list[str], filename: str = "README.md") -> str:
+        with open(self.path(filename), "w", encoding="utf-8") as f:
+            f.write(f"# {title}\n\n" + "\n\n".join(p.strip() for p in paragraphs) + "\n")
+        return self.path(filename)
+
+
+def train(cfg, workdir: str) -> dict:
+    """memjax.trainer.train on `cfg` (resuming from the workdir): the last logged metrics, the
+    parameter count and the non-embedding one (all but the token embedding and output head)."""
+    from memjax import config, trainer
+    from memjax.data import get_tokenizer
+    from memjax.metrics import read_jsonl
+    from memjax.models import lm
+
+    trainer.train(cfg, workdir)
+    # The latest value of every metric: a run that had already finished (say, interrupted in its
+    # scoring) logs nothing when trained again.
+    last = {}
+    for record in read_jsonl(os.path.join(workdir, "metrics.jsonl")):
+        last.update(record)
+    vocab_size = config.resolve_vocab_size(cfg.model, get_tokenizer(cfg.data, workdir).vocab_size)
+    params = lm.abstract(cfg.model, vocab_size)[1]
+    total = lm.count_params(params)
+    embedding = lm.count_params({k: v for k, v in params.items() if k in ("embed", "head")})
+    return {**{k: float(v) for k, v in last.items() if k != "step"}, "params": total,
+            "non_embedding_params": total - embedding}
+
+
+# The memory settings of configs/titans_lmm_quickstart.py: a linear memory with a small inner step
+# (that file's docstring: the registered deep memory diverged in training at these sizes).
+TITANS_MEMORY = {"memory_depth": 1, "chunk": 16, "theta_max": 0.01, "theta_init": 0.005}
+# The delta rule (DeltaNet) in the engine: linear memory, L2 inner loss, plain gradient descent with a
+# step theta in (0, 1) (the L2 loss's 1/2 makes theta the delta rule's beta), almost no forgetting.
+DELTA_MEMORY = {"memory_depth": 1, "optimizer": "gd", "theta_max": 1.0, "theta_init": 0.5, "alpha_init": 0.001,
+                "chunk": 8}
+# Sequence mixers of the studies: the registered block every layer uses, and its settings.
+MIXERS = {
+    "attention": ("attention", {}),
+    "swa": ("swa", {}),
+    "titans_mag": ("titans_mag", TITANS_MEMORY),
+    "titans_mal": ("titans_mal", TITANS_MEMORY),
+    "titans_lmm": ("titans_lmm", TITANS_MEMORY),
+    # x + DeltaMemory(norm x), then x + SWA(norm x): the memory's reads enter the residual stream (in
+    # MAG they only gate the attention's output, which cannot carry a recalled token by itself).
+    "delta_mal": ("titans_mal", DELTA_MEMORY),
+    "delta": ("titans_lmm", DELTA_MEMORY),  # the delta-rule memory alone (DeltaNet-like)
+    "pkm": ("pkm", {}),  # full attention with a product-key memory in place of the FFN
+    "lm2": ("lm2", {}),
+}
+
+
+def set_mixer(cfg, mixer: str, *, window: int, **settings) -> None:
+    """Every layer of `cfg` becomes the mixer; `window` is the local attention of swa / MAG / MAL, and
+    `settings` override the block's (e.g. pkm n_keys)."""
+    import ml_collections
+
+    block, defaults = MIXERS[mixer]
+    cfg.model.block_pattern = block
+    cfg.model.swa.window = window
+    if defaults or settings:
+        cfg.model[block].update({**defaults, **settings})
+    if block.startswith("titans"):
+        cfg.model[block].update({"window": window, "heads": cfg.model.num_heads})
+        # The memory's gate biases and norm scales are 2-D but are no matrices to decay (see
+        # configs/titans_lmm_quickstart.py).
+        cfg.optim.groups.titans_no_decay = ml_collections.ConfigDict(
+            {"pattern": r"/(gate_bias|out_norm|branch_norms)$", "lr_mult": 1.0, "weight_decay": 0.0})
+
+
+def task_config(task: str, options: str, *, seq_len: int, mixer: str, d_model: int, num_layers: int,
+                steps: int, batch_size: int, lr: float, window: int, seed: int = 0, eval_batches: int = 4,
+                vocab_size: int = 0, **mixer_settings):
+    """A run that trains `mixer` on a generated task (data.source = "task") at `seq_len`."""
+    from memjax.config import base_config
+
+    cfg = base_config()
+    cfg.seed = seed
+    m = cfg.model
+    m.d_model, m.num_layers, m.num_heads = d_model, num_layers, max(1, d_model // 32)
+    m.vocab_size = vocab_size  # 0: the byte tokenizer's (covers task ids below 256)
+    set_mixer(cfg, mixer, window=window, **mixer_settings)
+    cfg.data.source, cfg.data.task, cfg.data.task_options = "task", task, options
+    t = cfg.train
+    t.seq_len, t.batch_size, t.steps = seq_len, batch_size, steps
+    t.eval_every, t.eval_batches, t.log_every = steps, eval_batches, max(steps // 50, 1)
+    t.checkpoint_every, t.keep_checkpoints = max(steps // 3, 1), 1
+    cfg.optim.lr, cfg.optim.warmup_steps = lr, min(100, steps // 10)
+    return cfg
+
+
+def markdown_table(rows: list[dict], columns: list[str], formats: dict | None = None) -> str:
+    formats = formats or {}
+    fmt = lambda c, v: format(v, formats[c]) if c in formats and isinstance(v, (int, float)) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(c, row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot_groups(ax, rows: list[dict], x: str, y: str, group: str, *, logx: bool = False, label=str) -> None:
+    """One line per value of `group`, points sorted by `x`."""
+    for key in dict.fromkeys(row[group] for row in rows):
+        points = sorted((row[x], row[y]) for row in rows if row[group] == key)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label(key))
+    if logx:
+        ax.set_xscale("log", base=2 if all(isinstance(r[x], int) for r in rows) else 10)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.grid(alpha=0.3)
+
+
+def save_figure(fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def pyplot():
+    """matplotlib without a display (the `plots` extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def length_study(name: str, doc: str, presets: dict, argv=None) -> None:
+    """niah.py and babilong.py: every (task, mixer, seed) of the preset trains at `train_len`, then its
+    task metric is scored at every length of `lengths` (beyond training included, memjax.evaluate);
+    results.csv has one row per (run, length), <name>.png the metric vs length (log x) per task."""
+    import itertools
+
+    from memjax import evaluate
+
+    args = parse_args(name, doc, argv)
+    quiet()
+    p = presets[args.preset]
+    s = Study(name, args.out)
+    runs = []
+    for task, mixer, seed in itertools.product(p["tasks"], p["mixers"], p["seeds"]):
+        cfg = task_config(task, p["options"].get(task, ""), seq_len=p["train_len"], mixer=mixer, seed=seed,
+                          **p["model"])
+
+        def run(workdir, cfg=cfg, task=task, mixer=mixer, seed=seed):
+            trained = train(cfg, workdir)
+            scored = evaluate.evaluate_run(workdir, task, p["lengths"], examples=p["examples"],
+                                           batch_size=p["eval_batch_size"])
+            return {"task": task, "mixer": mixer, "seed": seed, "params": trained["params"],
+                    "train_loss": trained["learning/loss"], "lengths": scored}
+
+        runs.append((f"{task}_{mixer}_s{seed}", run))
+    results = s.run_all(runs, args.only)
+    rows = [{"task": r["task"], "mixer": r["mixer"], "seed": r["seed"], "params": r["params"],
+             "train_len": p["train_len"], "length": row["length"], "metric": row["metric"], "value": row["value"],
+             "n": row["n"]} for r in results for row in r["lengths"]]
+    s.write_csv(rows)
+
+    plt = pyplot()
+    tasks = list(dict.fromkeys(row["task"] for row in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
+    summary = [f"Trained at {p['train_len']} tokens ({p['model']}, options {p['options']}); scored on "
+               f"{p['examples']} held-out examples (task_eval_seed) per length. Lengths beyond "
+               f"{p['train_len']} were never seen in training."]
+    for ax, task in zip(axes[0], tasks):
+        mine = [row for row in rows if row["task"] == task]
+        averaged = _mean_over_seeds(mine, ("mixer", "length"))
+        plot_groups(ax, averaged, "length", "value", "mixer", logx=True)
+        ax.axvline(p["train_len"], color="k", ls="--", lw=0.8)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(task)
+        ax.set_ylabel(mine[0]["metric"])
+        ax.legend(fontsize=8)
+        lengths = sorted({row["length"] for row in averaged})
+        table = [{"mixer": mixer, **{str(length): row["value"] for length in lengths for row in averaged
+                                     if row["mixer"] == mixer and row["length"] == length}}
+                 for mixer in dict.fromkeys(row["mixer"] for row in averaged)]
+        summary += [f"**{task}** ({mine[0]['metric']} vs context length)",
+                    markdown_table(table, ["mixer", *map(str, lengths)], dict.fromkeys(map(str, lengths), ".3f"))]
+    figure = save_figure(fig, s.path(f"{name}.png"))
+    s.write_summary(f"{name}: accuracy vs context length ({args.preset} preset)",
+                    summary + [f"![{name}]({os.path.basename(figure)})"])
+    print(f"wrote {s.dir}")
+
+
+def _mean_over_seeds(rows: list[dict], keys: tuple) -> list[dict]:
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in keys), []).append(row["value"])
+    return [{**dict(zip(keys, key)), "value": sum(v) / len(v)} for key, v in groups.items()]

@@ -1,0 +1,221 @@
+"""`python -m memjax.evaluate --workdir RUN --task niah_single --lengths 256,512,1024,2048
+    [--examples 64 --batch_size 8 --task_options key=value,... --depths 0,0.5,1 --out results.csv]`
+
+Scores a trained run (its config.json and latest checkpoint) on a generated task at each context
+length, lengths beyond training included, and writes one CSV row per (length, depth): task, length,
+depth, metric, value, n (examples), step (of the checkpoint), train_seq_len. The metric is the task's
+(memjax/tasks/__init__.py): MQAR accuracy over the queried positions, NIAH exact match of the
+greedily decoded answer (one teacher-forced pass), bAbI accuracy of the best-scoring label.
+
+Task options start from the run's own (`data.task_options`, when it trained on this task) and
+--task_options overrides them; evaluation examples come from the run's `data.task_eval_seed`.
+`TaskScorer` is the same metric for the trainer's evaluations and the experiments.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from tqdm import tqdm
+
+from memjax import checkpoint, config, parallel
+from memjax.data import get_tokenizer
+from memjax.data.task_batches import MODEL_FIELDS, build_task, parse_task_options
+from memjax.models import lm
+from memjax.tasks import TASKS, make_task_iterator, with_answer
+
+# Task family (the name's prefix) -> the metric's name as logged (eval/<name>) and written.
+METRICS = {"mqar": "mqar_accuracy", "niah": "exact_match", "babi": "label_accuracy"}
+DEFAULT_EVAL_SEED = 1_000_000  # base_config's data.task_eval_seed, for runs that did not train on a task
+CSV_FIELDS = ("task", "length", "depth", "metric", "value", "n", "step", "train_seq_len")
+
+
+class EvaluationError(ValueError):
+    """A request that cannot be scored (unknown task, length too short, no checkpoint); names the cause."""
+
+
+def metric_name(task_name: str) -> str:
+    if task_name not in TASKS:
+        raise EvaluationError(f"unknown task {task_name!r}; expected one of {sorted(TASKS)}")
+    return METRICS[task_name.split("_")[0]]
+
+
+class TaskScorer:
+    """A task's metric for a model: `counts` gives (correct, scored) for one host batch of the task
+    (all its fields, this process's rows); the ratio of the sums over batches is the metric. The
+    reductions run on device over global arrays, so every process of a multi-host run gets the totals."""
+
+    def __init__(self, graphdef, task_name: str, mesh, pad_id: int):
+        self.metric = metric_name(task_name)
+        self.kind, self.mesh, self.pad_id = task_name.split("_")[0], mesh, pad_id
+
+        def logits(params, inputs_BxT):
+            return nnx.merge(graphdef, params)(inputs_BxT)[0].astype(jnp.float32)
+
+        def argmax_counts(params, batch):
+            hit_BxT = logits(params, batch["inputs"]).argmax(-1) == batch["targets"]
+            scored_BxT = batch["weights"] > 0
+            if self.kind == "mqar":  # every queried position counts once
+                return (hit_BxT & scored_BxT).sum(), scored_BxT.sum()
+            # NIAH: greedy decoding reproduces the answer iff every answer position is predicted right.
+            row_ok_B = jnp.all(hit_BxT | ~scored_BxT, axis=-1)
+            return row_ok_B.sum(), jnp.ones_like(row_ok_B).sum()
+
+        def answer_logprob(params, batch):  # metrics.sequence_logprob, on device
+            logp_BxTxV = jax.nn.log_softmax(logits(params, batch["inputs"]), axis=-1)
+            target_BxT = jnp.take_along_axis(logp_BxTxV, batch["targets"][..., None], axis=-1)[..., 0]
+            return jnp.where(batch["weights"] > 0, target_BxT, 0.0).sum(-1)
+
+        def label_counts(scores_KxB, label_index_B):
+            return (scores_KxB.argmax(0) == label_index_B).sum(), jnp.ones_like(label_index_B).sum()
+
+        self._argmax_counts = jax.jit(argmax_counts)
+        self._answer_logprob = jax.jit(answer_logprob)
+        self._label_counts = jax.jit(label_counts)
+
+    def _place(self, batch: dict) -> dict:
+        return parallel.global_batch(batch, self.mesh)
+
+    def counts(self, params, batch: dict) -> tuple[float, float]:
+        if self.kind != "babi":
+            correct, scored = self._argmax_counts(params, self._place({k: batch[k] for k in MODEL_FIELDS}))
+        else:  # one forward pass per label of the task's label set, then the best-scoring label
+            label_ids_BxKxS = batch["label_ids"]
+            scores = [self._answer_logprob(params, self._place(with_answer(batch, label_ids_BxKxS[:, k], self.pad_id)))
+                      for k in range(label_ids_BxKxS.shape[1])]
+            label_index_B = self._place({"label_index": batch["label_index"]})["label_index"]
+            correct, scored = self._label_counts(jnp.stack(scores), label_index_B)
+        return float(correct), float(scored)
+
+    def score(self, params, batches) -> float:
+        correct = scored = 0.0
+        for batch in batches:
+            c, n = self.counts(params, batch)
+            correct, scored = correct + c, scored + n
+        return correct / scored if scored else float("nan")
+
+
+def _check_model_length(cfg, length: int) -> None:
+    """The run's model at `length` (e.g. HMT needs a multiple of its segment length)."""
+    at_length = cfg.copy_and_resolve_references()
+    at_length.train.seq_len = length
+    at_length.data = config.base_config().data  # only the model's constraints matter, not the run's data
+    try:
+        config.validate(at_length)
+    except config.ConfigError as err:
+        raise EvaluationError(f"length {length}: the run's model does not run at this length ({err})") from None
+
+
+def evaluate_run(workdir: str, task: str, lengths, *, examples: int = 64, batch_size: int = 8,
+                 task_options: str = "", depths=(), step: int | None = None, progress: bool = True) -> list[dict]:
+    """CSV rows (dicts with CSV_FIELDS) of `task` scored at every length (and NIAH depth) on the run's
+    checkpoint. Raises EvaluationError (or FileNotFoundError) before any scoring on a bad request."""
+    from memjax import trainer  # trainer imports this module for its evaluations
+
+    metric = metric_name(task)
+    if not lengths:
+        raise EvaluationError("no lengths to evaluate")
+    if not os.path.isfile(os.path.join(workdir, "config.json")):
+        raise FileNotFoundError(f"{workdir} holds no config.json: not a memjax run directory")
+    if examples < 1 or batch_size < 1:
+        raise EvaluationError(f"--examples ({examples}) and --batch_size ({batch_size}) must be positive")
+    if depths and not task.startswith("niah"):
+        raise EvaluationError(f"--depths applies to the niah_* tasks, not {task!r}")
+    cfg = trainer.load_config(workdir)
+    tokenizer = get_tokenizer(cfg.data, workdir)
+    try:
+        run_options = cfg.data.task_options if cfg.data.get("task", "") == task else ""
+        options = {**parse_task_options(run_options), **parse_task_options(task_options)}
+    except ValueError as err:
+        raise EvaluationError(f"--task_options: {err}") from None
+    seed = cfg.data.get("task_eval_seed", DEFAULT_EVAL_SEED)
+    num_batches = math.ceil(examples / batch_size)
+    vocab_size = config.resolve_vocab_size(cfg.model, tokenizer.vocab_size)
+
+    # Every (length, depth) is built first, so a bad one fails before the checkpoint is loaded.
+    tasks = {}
+    for length in lengths:
+        _check_model_length(cfg, length)
+        for depth in depths or (None,):
+            at = {**options, "num_examples": num_batches * batch_size, **({} if depth is None else {"depth": depth})}
+            try:
+                tasks[length, depth] = build_task(task, length, at, seed=seed, tokenizer=tokenizer)
+            except ValueError as err:
+                raise EvaluationError(f"task {task!r} at length {length}: {err}") from None
+            if getattr(tasks[length, depth], "vocab_size", 0) > vocab_size:
+                raise EvaluationError(f"task {task!r} uses token ids up to {tasks[length, depth].vocab_size} but "
+                                      f"the model's vocabulary has {vocab_size}; set vocab_size in --task_options")
+
+    graphdef, abstract_params = lm.abstract(cfg.model, vocab_size)
+    params, step = checkpoint.load_params(workdir, abstract_params, step)
+    scorer = TaskScorer(graphdef, task, parallel.single_device_mesh(), pad_id=tokenizer.eos_id)
+    rows = []
+    with tqdm(total=len(tasks) * num_batches, unit="batch", disable=not progress, dynamic_ncols=True) as bar:
+        for (length, depth), source in tasks.items():
+            bar.set_description(f"{task} T={length}" + ("" if depth is None else f" depth={depth}"))
+            correct = scored = 0.0
+            for batch in make_task_iterator(source, batch_size=batch_size):
+                c, n = scorer.counts(params, batch)
+                correct, scored = correct + c, scored + n
+                bar.update(1)
+            rows.append({"task": task, "length": length, "depth": "" if depth is None else depth, "metric": metric,
+                         "value": correct / scored, "n": num_batches * batch_size, "step": step,
+                         "train_seq_len": cfg.train.seq_len})
+    return rows
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'length':>8} {'depth':>6} {'metric':>15} {'value':>7} {'n':>6}"]
+    lines += [f"{r['length']:>8} {str(r['depth']):>6} {r['metric']:>15} {r['value']:>7.4f} {r['n']:>6}" for r in rows]
+    return "\n".join(lines)
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip())
+    parser.add_argument("--workdir", required=True, help="run directory written by memjax.train")
+    parser.add_argument("--task", required=True, help=f"one of {', '.join(sorted(TASKS))}")
+    parser.add_argument("--lengths", required=True, help="comma-separated context lengths, e.g. 256,512,1024")
+    parser.add_argument("--examples", type=int, default=64, help="examples per length (rounded up to batches)")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--task_options", default="", help="key=value,... over the run's own task options")
+    parser.add_argument("--depths", default="", help="NIAH only: comma-separated needle depths in [0, 1]")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument("--out", default="", help="CSV path (default: <workdir>/eval_<task>.csv)")
+    args = parser.parse_args(argv)
+    try:
+        lengths, depths = _int_list(args.lengths), [float(x) for x in args.depths.split(",") if x.strip()]
+    except ValueError as err:
+        parser.error(f"--lengths / --depths: {err}")
+    try:
+        rows = evaluate_run(args.workdir, args.task, lengths, examples=args.examples, batch_size=args.batch_size,
+                            task_options=args.task_options, depths=depths, step=args.step)
+    except (EvaluationError, FileNotFoundError, config.ConfigError) as err:
+        sys.exit(f"error: {err}")
+    out = args.out or os.path.join(args.workdir, f"eval_{args.task}.csv")
+    write_csv(rows, out)
+    print(format_table(rows))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
