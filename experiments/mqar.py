@@ -5,17 +5,18 @@ sequence mixer, Zoology's headline plot.
 
 Every mixer (full attention; sliding-window attention with a window far shorter than the sequence;
 the same window after a delta-rule memory layer (MAL) or with the Titans memory (MAG, MAL); the
-memories alone; full attention with a product-key memory FFN; see study.MIXERS) trains on MQAR (memjax.tasks.mqar) at each width, through
-memjax.trainer with the masked loss on the queried positions, and is scored by memjax.evaluate on
-held-out examples (task_eval_seed). The quick preset is the spec's separating setting (V = 256,
-L = 64, 8 key-value pairs, 2 layers, 1500 steps x 64) with full attention, SWA (window 8) and SWA +
-delta-rule memory (MAL) at widths 32 and 64. The full preset is Zoology's sweep: 16-64 pairs at
-L = 256, widths 64-512, best of three learning rates.
+memories alone; full attention with a product-key memory FFN; see study.MIXERS) trains on MQAR
+(memjax.tasks.mqar) at each width, through memjax.trainer with the masked loss on the queried
+positions, and is scored by memjax.evaluate on held-out examples (task_eval_seed). The quick preset
+is the spec's separating setting (V = 256, L = 64, 8 key-value pairs, 2 layers, 1500 steps x 64)
+with full attention, SWA (window 8) and SWA + delta-rule memory (MAL) at widths 32 and 64. The full
+preset is Zoology's sweep: 16-64 pairs at L = 256, widths 64-512, best of three learning rates.
 
 State size: floats a layer keeps per sequence to decode the next token, summed over layers: the keys
 and values of the positions attention sees (all L for full attention, the window plus persistent
-tokens for sliding windows) plus a memory's carried weights (and momentum). Outputs under
-experiments/results/mqar/: results.csv (every run), mqar.png, README.md. A rerun skips finished runs.
+tokens for sliding windows) plus a memory's weights (and momentum, if its optimizer has one).
+Outputs under experiments/results/mqar/: results.csv (every run), mqar.png, README.md. A rerun skips
+finished runs.
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ PRESETS = ("quick", "full")
 
 def parse_args(study: str, doc: str, argv=None) -> argparse.Namespace:
     """--preset, --out and --only (run only the runs whose names contain it)."""
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default="quick",
                         help="quick: minutes on a 2-core CPU; full: the paper-like grid, for accelerators")
     parser.add_argument("--out", default="", help=f"output folder (default experiments/results/{study})")

@@ -313,9 +313,11 @@ def _validate_task(cfg) -> None:
         raise ConfigError(f"config.data.task_options: {err}") from None
     _require(cfg.seed >= 0, "seed", "must be >= 0 with data.source='task' (it seeds the training examples)")
     _require(d.task_eval_seed >= 0 and d.task_eval_seed != cfg.seed, "data.task_eval_seed",
-             f"{d.task_eval_seed} must be >= 0 and differ from seed={cfg.seed}, or evaluation repeats training examples")
+             f"{d.task_eval_seed} must be >= 0 and differ from seed={cfg.seed}, "
+             "or evaluation repeats training examples")
     _require(d.tokenizer == "byte" or bool(d.tokenizer_path), "data.tokenizer",
-             "data.source='task' needs the byte tokenizer or a data.tokenizer_path (there is no corpus to train one on)")
+             "data.source='task' needs the byte tokenizer or a data.tokenizer_path "
+             "(there is no corpus to train one on)")
     _require(not cfg.train.segments_per_step, "train.segments_per_step",
              "must be 0 with data.source='task' (a task's examples are rows, not documents)")
     try:  # the task's own checks: its options, and whether train.seq_len holds an example
