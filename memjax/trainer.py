@@ -36,11 +36,12 @@ class Run:
     lr_schedule: optax.Schedule
     mesh: jax.sharding.Mesh
     shardings: dict  # NamedSharding of every train-state leaf (same tree as abstract_state)
+    abstract: dict  # the train state as ShapeDtypeStructs carrying those shardings
 
 
 def abstract_state(run: Run) -> dict:
     """The train state as ShapeDtypeStructs carrying their shardings (what restores and AOT use)."""
-    return parallel.with_shardings(jax.eval_shape(lambda: init_state(run)), run.shardings)
+    return run.abstract
 
 
 def setup(cfg, workdir: str | None, tokenizer=None, devices=None) -> Run:
@@ -64,13 +65,14 @@ def setup(cfg, workdir: str | None, tokenizer=None, devices=None) -> Run:
     graphdef, abstract_params = lm.abstract(cfg.model, vocab_size)
     tx = optim.make(cfg.optim, abstract_params, cfg.train.steps)
     mesh = parallel.make_mesh(cfg.mesh, devices)
-    run = Run(cfg, tokenizer, vocab_size, graphdef, tx, optim.schedule(cfg.optim, cfg.train.steps), mesh, {})
+    run = Run(cfg, tokenizer, vocab_size, graphdef, tx, optim.schedule(cfg.optim, cfg.train.steps), mesh, {}, {})
     model = nnx.eval_shape(lambda: lm.make_model(cfg.model, vocab_size, nnx.Rngs(params=0)))
     params_spec, replicated = parallel.param_specs(model, abstract_params, mesh, cfg.model)
     for message in replicated:
         log.warning("replicated, not sharded: %s", message)
-    specs = parallel.state_specs(jax.eval_shape(lambda: init_state(run)), params_spec, mesh)
-    run.shardings = parallel.named(mesh, specs)
+    abstract = jax.eval_shape(lambda: init_state(run))  # traced once per run: it builds the whole model
+    run.shardings = parallel.named(mesh, parallel.state_specs(abstract, params_spec, mesh))
+    run.abstract = parallel.with_shardings(abstract, run.shardings)
     return run
 
 
