@@ -31,6 +31,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+import study  # noqa: E402  (experiments/, the directory of this script)
+
 _KEEP_FREED = {
     "MALLOC_MMAP_MAX_": "0",
     "MALLOC_TRIM_THRESHOLD_": str(1 << 46),
@@ -128,13 +130,6 @@ def main():
         del params, table
         return seconds
 
-    def memory_forward_flops(m) -> float:
-        """Forward FLOPs per token: matmuls (queries, half-key scores, W1, W2), the bag, selection."""
-        p, v = m.pkm, pkm.value_dim(m)
-        matmuls = 2 * (m.d_model * p.heads * p.k_dim + p.heads * p.n_keys * p.k_dim + 2 * m.d_model * v)
-        half_k = min(p.k, p.n_keys)
-        return matmuls + 2 * p.heads * p.k * v + p.heads * (2 * p.n_keys + 2 * half_k**2 + 5 * p.k)
-
     def table_update_time(n: int, v: int) -> tuple[float, float]:
         """AdamW update of an [n, v] table (donated state), and allocating + zeroing an [n, v] buffer."""
         tx = optax.adamw(1e-3, weight_decay=0.0)
@@ -173,9 +168,9 @@ def main():
         no_dv_s = forward_backward_time(MemoryLayer(m, nnx.Rngs(params=0)), table_gradient=False)
         block_s = forward_backward_time(Block(pkm.ProductKeyMemoryBlock, m, nnx.Rngs(params=0))) if args.blocks else None
         update_s, zero_s = table_update_time(n * n, pkm.value_dim(m))
-        rows.append((f"memory {n * n:>9,} slots", memory_forward_flops(m), layer_s, block_s, update_s, zero_s, no_dv_s))
+        rows.append((f"memory {n * n:>9,} slots", study.pkm_forward_flops(m), layer_s, block_s, update_s, zero_s, no_dv_s))
 
-    target = memory_forward_flops(model_config(sizes[-1]))
+    target = study.pkm_forward_flops(model_config(sizes[-1]))
     d_ff = max(64, round(target / (6 * args.d_model) / 64) * 64)
     m = model_config(sizes[0], d_ff=d_ff)
     dense_s = forward_backward_time(DenseLayer(m, nnx.Rngs(params=0)))

@@ -165,12 +165,35 @@ def set_mixer(cfg, mixer: str, *, window: int, **settings) -> None:
     cfg.model.swa.window = window
     if defaults or settings:
         cfg.model[block].update({**defaults, **settings})
+    if block == "pkm":  # as configs/pkm_quickstart.py: sparsely read rows learn faster and do not decay
+        from memjax.memory.pkm import VALUES_PATTERN
+
+        cfg.optim.groups.pkm_values = ml_collections.ConfigDict(
+            {"pattern": VALUES_PATTERN, "lr_mult": 4.0, "weight_decay": 0.0})
     if block.startswith("titans"):
         cfg.model[block].update({"window": window, "heads": cfg.model.num_heads})
         # The memory's gate biases and norm scales are 2-D but are no matrices to decay (see
         # configs/titans_lmm_quickstart.py).
         cfg.optim.groups.titans_no_decay = ml_collections.ConfigDict(
             {"pattern": r"/(gate_bias|out_norm|branch_norms)$", "lr_mult": 1.0, "weight_decay": 0.0})
+
+
+def pkm_forward_flops(model_cfg) -> float:
+    """Forward FLOPs per token of a product-key memory layer: its matmuls (queries, half-key scores,
+    W1 and W2 of Memory+), the bag's weighted sum of H k rows, and the selection (two top-k over the
+    half scores, the k^2 candidate sums and their top-k, the k-way softmax)."""
+    from memjax.memory import pkm
+
+    p, v = model_cfg.pkm, pkm.value_dim(model_cfg)
+    matmuls = 2 * (model_cfg.d_model * p.heads * p.k_dim + p.heads * p.n_keys * p.k_dim + 2 * model_cfg.d_model * v)
+    half_k = min(p.k, p.n_keys)
+    return matmuls + 2 * p.heads * p.k * v + p.heads * (2 * p.n_keys + 2 * half_k**2 + 5 * p.k)
+
+
+def matched_swiglu_width(model_cfg) -> int:
+    """d_ff of the SwiGLU FFN (6 d d_ff forward FLOPs per token) nearest to the pkm layer's FLOPs, in
+    multiples of 32."""
+    return max(32, round(pkm_forward_flops(model_cfg) / (6 * model_cfg.d_model) / 32) * 32)
 
 
 def task_config(task: str, options: str, *, seq_len: int, mixer: str, d_model: int, num_layers: int,

@@ -31,7 +31,7 @@ from memjax.models import lm
 from memjax.tasks import TASKS, make_task_iterator, with_answer
 
 # Task family (the name's prefix) -> the metric's name as logged (eval/<name>) and written.
-METRICS = {"mqar": "mqar_accuracy", "niah": "exact_match", "babi": "label_accuracy"}
+METRICS = {"mqar": "mqar_accuracy", "facts": "fact_accuracy", "niah": "exact_match", "babi": "label_accuracy"}
 DEFAULT_EVAL_SEED = 1_000_000  # base_config's data.task_eval_seed, for runs that did not train on a task
 CSV_FIELDS = ("task", "length", "depth", "metric", "value", "n", "step", "train_seq_len")
 
@@ -61,7 +61,7 @@ class TaskScorer:
         def argmax_counts(params, batch):
             hit_BxT = logits(params, batch["inputs"]).argmax(-1) == batch["targets"]
             scored_BxT = batch["weights"] > 0
-            if self.kind == "mqar":  # every queried position counts once
+            if self.kind in ("mqar", "facts"):  # every queried position counts once
                 return (hit_BxT & scored_BxT).sum(), scored_BxT.sum()
             # NIAH: greedy decoding reproduces the answer iff every answer position is predicted right.
             row_ok_B = jnp.all(hit_BxT | ~scored_BxT, axis=-1)

@@ -109,12 +109,13 @@ def test_scorer_matches_the_task_metrics():
     mesh = parallel.single_device_mesh()
     forward = jax.jit(lambda ids: nnx.merge(graphdef, params)(ids)[0])
     for name, length, options in (("mqar", 32, {"vocab_size": 64, "num_kv_pairs": 4}),
+                                  ("facts", 32, {"num_facts": 40}),
                                   ("niah_single", 200, {"value_digits": 1}),
                                   ("babi_qa6", 160, {"num_facts": 2})):
         task = make_task(name, length, **options)
         batch = next(make_task_iterator(task, batch_size=4))
         correct, scored = evaluate.TaskScorer(graphdef, name, mesh, pad_id=EOS).counts(params, batch)
-        if name == "mqar":
+        if name in ("mqar", "facts"):
             expected = metrics.mqar_accuracy(forward(batch["inputs"]), batch["targets"], batch["weights"])
         elif name.startswith("niah"):
             expected = metrics.teacher_forced_exact_match(forward(batch["inputs"]), batch["targets"],

@@ -11,6 +11,7 @@ from memjax.tasks import (
     NIAH,
     TASKS,
     BabiQA,
+    Facts,
     ignore_index_labels,
     make_task,
     make_task_iterator,
@@ -105,6 +106,47 @@ def test_mqar_without_noise_and_zoology_labels():
 def test_mqar_validation(kwargs, field):
     with pytest.raises(ValueError, match=field):
         MQAR(**kwargs)
+
+
+# ---------------------------------------------------------------- closed-book facts
+
+
+@pytest.mark.parametrize("seq_len,subject_tokens", [(64, 2), (33, 1), (100, 3)])
+def test_facts_format_and_labels(seq_len, subject_tokens):
+    task = Facts(seq_len, num_facts=50, subject_tokens=subject_tokens, world_seed=4, seed=2)
+    world = {tuple(s): a for s, a in zip(task.subjects.tolist(), task.attributes.tolist())}
+    assert len(world) == 50  # distinct subjects
+    assert all(1 <= t < 128 for s in world for t in s) and all(128 <= a < 256 for a in world.values())
+    for index in range(5):
+        ex = task[index]
+        check_lm_layout(ex, seq_len)
+        row, scored = row_of(ex), np.flatnonzero(ex["weights"])
+        assert len(scored) == (seq_len + 1) // (subject_tokens + 1) == task.facts_per_row
+        for position in scored:  # the target after a subject's last token is that subject's attribute
+            subject = tuple(row[position - subject_tokens + 1: position + 1].tolist())
+            assert ex["targets"][position] == world[subject]
+
+
+def test_facts_world_is_shared_by_seeds_and_examples_differ():
+    train, held_out = Facts(64, num_facts=30, world_seed=1, seed=0), Facts(64, num_facts=30, world_seed=1, seed=9)
+    np.testing.assert_array_equal(train.subjects, held_out.subjects)
+    np.testing.assert_array_equal(train.attributes, held_out.attributes)
+    assert differs(train[0], held_out[0])
+    assert_same_example(train[3], Facts(64, num_facts=30, world_seed=1, seed=0)[3])
+    other_world = Facts(64, num_facts=30, world_seed=2, seed=0)
+    assert not np.array_equal(train.subjects, other_world.subjects)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"num_facts": 127 * 127 + 1}, "num_facts"),
+    ({"num_facts": 0}, "num_facts"),
+    ({"subject_tokens": 0}, "subject_tokens"),
+    ({"seq_len": 1}, "seq_len"),
+    ({"world_seed": -1}, "world_seed"),
+])
+def test_facts_validation(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        Facts(**{"seq_len": 64, **kwargs})
 
 
 def test_index_out_of_range():

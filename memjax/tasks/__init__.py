@@ -1,11 +1,11 @@
-"""Generated memory tasks (MQAR, S-NIAH, BABILong-style bAbI QA) as seeded grain sources, with metrics.
+"""Generated memory tasks (MQAR, closed-book fact recall, S-NIAH, BABILong-style bAbI QA) as seeded grain sources, with metrics.
 
     task = make_task("niah_single", seq_len=4096, haystack="text", seed=1)
     batches = make_task_iterator(task, batch_size=8)     # dicts of [8, ...] numpy arrays
 
 Example conventions are in base.py (inputs/targets/weights) and layout.py (prompt_len/answer_ids of the
 prompt-and-answer tasks); the metric of each task is in metrics.py:
-  mqar            metrics.mqar_accuracy(logits, targets, weights)
+  mqar, facts     metrics.mqar_accuracy(logits, targets, weights)
   niah_*          metrics.teacher_forced_exact_match(logits, targets, weights) (one forward pass), or
                   metrics.exact_match(greedy_ids, answer_ids) after decoding from inputs[:prompt_len]
   babi_qa*        for each label k: layout.with_answer(batch, label_ids[:, k], pad_id) -> forward ->
@@ -20,12 +20,14 @@ import grain
 
 from memjax.tasks.babi import BabiQA
 from memjax.tasks.base import ANSWER_PAD, IGNORE_INDEX, TaskSource, ignore_index_labels
+from memjax.tasks.facts import Facts
 from memjax.tasks.layout import with_answer
 from memjax.tasks.mqar import MQAR
 from memjax.tasks.niah import NIAH
 
 TASKS = {
     "mqar": MQAR,
+    "facts": Facts,
     "niah_single": functools.partial(NIAH, variant="single"),
     "niah_multikey": functools.partial(NIAH, variant="multikey"),
     "niah_multivalue": functools.partial(NIAH, variant="multivalue"),
@@ -64,6 +66,6 @@ def make_task_iterator(task: TaskSource, *, batch_size: int, seed: int = 0, shuf
 
 
 __all__ = [
-    "ANSWER_PAD", "IGNORE_INDEX", "TASKS", "BabiQA", "MQAR", "NIAH", "TaskSource", "ignore_index_labels",
+    "ANSWER_PAD", "IGNORE_INDEX", "TASKS", "BabiQA", "Facts", "MQAR", "NIAH", "TaskSource", "ignore_index_labels",
     "make_task", "make_task_iterator", "with_answer",
 ]
