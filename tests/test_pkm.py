@@ -11,6 +11,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from memjax import config, optim, trainer
+from memjax.kernels.pkm_lookup import reference as bag_reference
 from memjax.memory import bag, pkm
 from memjax.metrics import read_jsonl
 from memjax.models import attention, lm
@@ -99,11 +100,11 @@ def bag_inputs(rng, n, v, m, k, high=None):
     return table, idx, w, g
 
 
-@pytest.mark.parametrize("chunk_bytes", [bag.CHUNK_BYTES, 40])  # one chunk; many chunks with padding
+@pytest.mark.parametrize("chunk_bytes", [bag_reference.CHUNK_BYTES, 40])  # one chunk; many chunks with padding
 @pytest.mark.parametrize("sort", [True, False])
 def test_bag_forward_backward_equal_dense_reference_with_repeated_indices(monkeypatch, chunk_bytes, sort):
-    monkeypatch.setattr(bag, "CHUNK_BYTES", chunk_bytes)
-    monkeypatch.setattr(bag, "SORTED_SCATTER", sort)
+    monkeypatch.setattr(bag_reference, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(bag_reference, "SORTED_SCATTER", sort)
     with jax.enable_x64(True):
         table, idx, w, g = bag_inputs(np.random.default_rng(0), n=11, v=3, m=7, k=6, high=4)
         idx = idx.at[0].set(2)  # one token reading slot 2 six times
@@ -123,7 +124,7 @@ def test_bag_forward_backward_equal_dense_reference_with_repeated_indices(monkey
 
 @pytest.mark.parametrize("sort", [True, False])
 def test_bag_gradient_never_materialises_a_slot_sized_intermediate(monkeypatch, sort):
-    monkeypatch.setattr(bag, "SORTED_SCATTER", sort)
+    monkeypatch.setattr(bag_reference, "SORTED_SCATTER", sort)
     n, v, m, k = 4096, 2, 8, 4  # a one-hot would be m*k*n = 131,072 elements; dV is n*v = 8,192
     table, idx, w, _ = bag_inputs(np.random.default_rng(1), n, v, m, k)
     jaxpr = jax.make_jaxpr(jax.grad(lambda t, w: bag.embedding_bag(t, idx, w).sum(), argnums=(0, 1)))(table, w)

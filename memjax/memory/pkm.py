@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from memjax.kernels.dispatch import KERNEL_CHOICES
 from memjax.memory import bag
 from memjax.models import layers
 from memjax.models.attention import AttentionLayer
@@ -105,7 +106,7 @@ class ProductKeyMemory(nnx.Module):
         out_std = model_cfg.init_std / (2 * model_cfg.num_layers) ** 0.5
         self.heads, self.k, self.dtype, self.eps = h, p.k, dtype, model_cfg.norm_eps
         self.query_norm, self.memory_plus, self.use_gate = p.query_norm, p.memory_plus, p.gate
-        self.shard_axis, self.shard_mode = p.value_shard_axis, p.value_shard_mode
+        self.shard_axis, self.shard_mode, self.kernel = p.value_shard_axis, p.value_shard_mode, p.kernel
         self.query = layers.Dense((d,), (h, kd), ("embed", "pkm_heads", "pkm_key_dim"), std=model_cfg.init_std,
                                   dtype=dtype, rngs=rngs)
         # Bias and scale are stored flat (reshaped at use): vectors, not matrices, for weight decay and FLOPs.
@@ -147,7 +148,7 @@ class ProductKeyMemory(nnx.Module):
         bag_size = self.heads * self.k
         y_MxV = bag.lookup(
             self.values.table[...], slots_BxTxHxk.reshape(-1, bag_size), weights_BxTxHxk.reshape(-1, bag_size),
-            axis=self.shard_axis, mode=self.shard_mode,
+            axis=self.shard_axis, mode=self.shard_mode, kernel=self.kernel,
         )
         y_BxTxV = y_MxV.reshape(batch, seq, -1).astype(self.dtype)
         if self.memory_plus:
@@ -177,6 +178,9 @@ class ProductKeyMemoryBlock(AttentionLayer):
         # "columns" (v_dim / P each) or "rows" (N / P each).
         "value_shard_axis": "tensor",
         "value_shard_mode": "columns",
+        # The value lookup's implementation (memjax.kernels.dispatch): "auto" = the Pallas kernel on TPU
+        # and GPU where it takes the (per-device) table, else the pure-JAX reference, with one warning.
+        "kernel": "auto",
     }
 
     def __init__(self, cfg, layer_index: int, *, shared=None, rngs: nnx.Rngs):
@@ -219,6 +223,7 @@ class ProductKeyMemoryBlock(AttentionLayer):
             "model.pkm.value_shard_mode",
             f"{p.value_shard_mode!r} is not one of {list(bag.SHARD_MODES)}",
         )
+        require(p.kernel in KERNEL_CHOICES, "model.pkm.kernel", f"{p.kernel!r} is not one of {list(KERNEL_CHOICES)}")
 
     @classmethod
     def flops_per_token(cls, model_cfg, seq_len: int) -> float:

@@ -1,0 +1,1 @@
+"""Product-key value lookup (weighted embedding bag): reference, Pallas TPU and GPU kernels, api."""
