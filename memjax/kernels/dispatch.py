@@ -18,9 +18,16 @@ log = logging.getLogger("memjax")
 _warned: set[tuple[str, str]] = set()
 
 
+def platform() -> str:
+    """The platform kernels are built for: the context mesh's devices (so an ahead-of-time compile for a
+    TPU topology from a CPU host picks the TPU kernel), else the default backend."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
 def interpret() -> bool:
     """Pallas kernels run in interpret mode when there is no accelerator (CPU)."""
-    return jax.default_backend() == "cpu"
+    return platform() == "cpu"
 
 
 def resolve(op: str, choice: str, supported: bool = True, why: str = "") -> str:
@@ -47,4 +54,4 @@ def resolve(op: str, choice: str, supported: bool = True, why: str = "") -> str:
     return "reference"
 
 
-__all__ = ["KERNEL_CHOICES", "interpret", "resolve"]
+__all__ = ["KERNEL_CHOICES", "interpret", "platform", "resolve"]

@@ -28,7 +28,8 @@ taken at the chunk-start state (C = 1 is the exact recurrence). Then:
   with jax.lax.associative_scan (`chunk_coefficients`); the Omega window is a banded write matrix.
 - Linear path (decay, qnorm; GD or momentum): reading never forms per-token weights:
   h W_t = a_t (h A_0) + b_t (h S_0) + sum_i G_ti (h . h_i) d_i: matmuls against the chunk's factors
-  (`chunk_step`). The chunk-end state is formed once per chunk.
+  (`chunk_step_linear`, also the body of the fused kernels of memjax.kernels.neural_memory). The
+  chunk-end state is formed once per chunk.
 - Materialised path (softmax retention, muon): W_t is non-linear in the chunk's gradients, so the C
   per-token weights of the chunk are formed ([C, in, out] per map; Newton-Schulz runs on all C in
   parallel), then read token by token (`chunk_step_materialised`).
@@ -46,7 +47,14 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-ACTIVATIONS = {"gelu": partial(jax.nn.gelu, approximate=False), "silu": jax.nn.silu}
+
+def gelu(x):
+    """Exact GELU x Phi(x), through erf: Mosaic (the TPU kernels) lowers erf, not the erfc of jax.nn.gelu.
+    The two differ by rounding only (at most 1e-6 in float32, where 1 + erf cancels for x << 0)."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * math.sqrt(0.5)))
+
+
+ACTIVATIONS = {"gelu": gelu, "silu": jax.nn.silu}
 OBJECTIVES = ("l2", "lp", "huber", "dot")
 READS = ("after", "before")
 OPTIMIZERS = ("gd", "momentum", "muon")
@@ -116,10 +124,10 @@ def memory_apply(spec: Spec, linear, x_CxI):
             h = linear(layer, h)
             if layer < spec.depth - 1:
                 h = act(h)
-    if spec.residual == "add":
-        h = x_CxI[..., : h.shape[-1]] + h
-    elif spec.residual == "norm":
-        h = x_CxI[..., : h.shape[-1]] + layer_norm(h, spec.eps)
+    if spec.residual != "none":
+        # Sliced only where a feature map widens the input (kernel bodies may not slice values).
+        skip = x_CxI if x_CxI.shape[-1] == h.shape[-1] else x_CxI[..., : h.shape[-1]]
+        h = skip + (layer_norm(h, spec.eps) if spec.residual == "norm" else h)
     return h
 
 
@@ -220,8 +228,9 @@ def effective_weights(spec: Spec, state, scale_from=None):
 
 
 def qnorm_scale(spec: Spec, a):
-    """||A||_q^(q-2) (entrywise q-norm), Moneta's normaliser."""
-    norm = jnp.sum((a * a + spec.eps) ** (spec.q / 2)) ** (1.0 / spec.q)
+    """||A||_q^(q-2) (entrywise q-norm), Moneta's normaliser, as a [1, 1] array (kernels lower vector
+    powers, not scalar ones)."""
+    norm = jnp.sum((a * a + spec.eps) ** (spec.q / 2), keepdims=True) ** (1.0 / spec.q)
     return norm ** (spec.q - 2)
 
 
@@ -241,46 +250,94 @@ def chunk_step(spec: Spec, state, momentum, chunk, with_after_loss=False):
     chunk: q [C, I], lr / mom / keep [C]; k [K, I], v [K, D], gamma [K] (and delta [K]) over the
     window-extended chunk (the c - 1 tokens before it, then its C tokens).
     """
-    weights = effective_weights(spec, state)
-    inputs, deltas, losses_K = gradient_factors(spec, weights, chunk["k"], chunk["v"], chunk.get("delta"))
-    mom = jnp.zeros_like(chunk["mom"]) if spec.optimizer == "gd" else chunk["mom"]
-    write = write_matrix(spec, chunk["lr"], chunk["gamma"])
-    coef = chunk_coefficients(chunk["lr"], mom, chunk["keep"], write)
-    step = chunk_step_materialised if spec.materialised else chunk_step_linear
-    y_CxD, new_state, new_momentum = step(spec, state, weights, momentum, inputs, deltas, coef, chunk)
-    window = spec.window - 1
-    stats = {"loss_before": jnp.mean(losses_K[window:])}
+    coef = chunk_gates(spec, chunk)
+    if spec.materialised:
+        weights = effective_weights(spec, state)
+        inputs, deltas, losses_K = gradient_factors(spec, weights, chunk["k"], chunk["v"], chunk.get("delta"))
+        y_CxD, new_state, new_momentum = chunk_step_materialised(spec, state, weights, momentum, inputs, deltas, coef,
+                                                                 chunk)
+    else:
+        y_CxD, new_state, new_momentum, losses_K = chunk_step_linear(spec, state, momentum, chunk,
+                                                                     linear_coefficients(spec, coef))
+    stats = {"loss_before": chunk_loss(spec, losses_K)}
     if with_after_loss:
+        window = spec.window - 1
         after = apply_fixed(spec, effective_weights(spec, new_state), chunk["k"][window:])
         stats["loss_after"] = jnp.mean(objective_value(spec, after, chunk["v"][window:], _tail(chunk, window)))
     return y_CxD, new_state, new_momentum, stats
+
+
+def chunk_gates(spec: Spec, chunk):
+    """The chunk's (S_t, A_t) coefficients [C+1, 2, K+2] (`chunk_coefficients`): gates only, no state."""
+    mom = jnp.zeros_like(chunk["mom"]) if spec.optimizer == "gd" else chunk["mom"]
+    return chunk_coefficients(chunk["lr"], mom, chunk["keep"], write_matrix(spec, chunk["lr"], chunk["gamma"]))
+
+
+def chunk_loss(spec: Spec, losses_K):
+    """Mean inner loss over the chunk's own tokens (not the window's earlier ones): a mask, not a slice,
+    so that kernel bodies can use it."""
+    own_K = jnp.arange(losses_K.shape[0]) >= spec.window - 1
+    return jnp.sum(jnp.where(own_K, losses_K, 0.0)) / (losses_K.shape[0] - spec.window + 1)
 
 
 def _tail(chunk, window):
     return chunk["delta"][window:] if "delta" in chunk else None
 
 
-def _combine(row, state, momentum, inputs, deltas):
-    """sum of row's coefficients times (S_0, A_0, g_1..g_K), per map, without per-token copies."""
-    return [row[1] * a + row[0] * s + h.T @ (row[2:, None] * d) for a, s, h, d in zip(state, momentum, inputs, deltas)]
+def linear_rows(spec: Spec, coef):
+    """The rows of `coef` that the linear path uses, [C + 2, K + 2]: for each token the coefficients of
+    the state it reads (A_t, or A_{t-1} when reading before the write), then those of the chunk-end A_C
+    and S_C. Columns: S_0, A_0, then the window's gradients."""
+    read = coef[1:, 1] if spec.read == "after" else coef[:-1, 1]
+    return jnp.concatenate([read, coef[-1:, 1], coef[-1:, 0]], axis=0)
 
 
-def chunk_step_linear(spec, state, weights, momentum, inputs, deltas, coef, chunk):
-    read = coef[1:, 1] if spec.read == "after" else coef[:-1, 1]  # A_t or A_{t-1} for token t: [C, K+2]
-    from_s0, from_a0, from_g = read[:, 0:1], read[:, 1:2], read[:, 2:]
+def linear_rows_layout(c: int) -> dict:
+    """Where the pieces of `linear_rows` sit, by what they multiply: "read" s0, a0 [C, 1], g [C, K];
+    "state" / "momentum" (A_C / S_C) s0, a0 [1, 1], g [1, K]. Index tuples, so that kernels read the
+    pieces straight from a ref."""
+    piece = lambda rows: {"s0": (rows, slice(0, 1)), "a0": (rows, slice(1, 2)), "g": (rows, slice(2, None))}
+    return {"read": piece(slice(0, c)), "state": piece(slice(c, c + 1)), "momentum": piece(slice(c + 1, c + 2))}
+
+
+def split_linear_rows(rows, c: int) -> dict:
+    return jax.tree_util.tree_map(lambda index: rows[index], linear_rows_layout(c),
+                                  is_leaf=lambda x: isinstance(x, tuple))
+
+
+def linear_coefficients(spec: Spec, coef) -> dict:
+    """`linear_rows` split into its pieces (`linear_rows_layout`): what `chunk_step_linear` takes."""
+    return split_linear_rows(linear_rows(spec, coef), coef.shape[0] - 1)
+
+
+def _combine(rows, state, momentum, inputs, deltas):
+    """sum of the coefficients times (S_0, A_0, g_1..g_K), per map, without per-token copies."""
+    return [rows["a0"] * a + rows["s0"] * s + (h.T * rows["g"]) @ d
+            for a, s, h, d in zip(state, momentum, inputs, deltas)]
+
+
+def chunk_step_linear(spec: Spec, state, momentum, chunk, coef):
+    """The linear path (decay or qnorm retention; GD or momentum) from the chunk-start (state, momentum):
+    outputs [C, D], the chunk-end (state, momentum) and the per-token inner loss [K] at the chunk start.
+    `coef`: `linear_coefficients`. Matmuls and elementwise ops only: the body of the fused kernels."""
+    weights = effective_weights(spec, state)
+    inputs, deltas, losses_K = gradient_factors(spec, weights, chunk["k"], chunk["v"], chunk.get("delta"))
+    read = coef["read"]
     scales = [qnorm_scale(spec, a) for a in state] if spec.retention == "qnorm" else [1.0] * len(state)
 
     def linear(layer, h_CxI):
         similarity_CxK = h_CxI @ inputs[layer].T
         mixed = (
-            from_a0 * (h_CxI @ state[layer])
-            + from_s0 * (h_CxI @ momentum[layer])
-            + (from_g * similarity_CxK) @ deltas[layer]
+            read["a0"] * (h_CxI @ state[layer])
+            + read["s0"] * (h_CxI @ momentum[layer])
+            + (read["g"] * similarity_CxK) @ deltas[layer]
         )
         return mixed / scales[layer]
 
     y_CxD = memory_apply(spec, linear, chunk["q"])
-    return y_CxD, _combine(coef[-1, 1], state, momentum, inputs, deltas), _combine(coef[-1, 0], state, momentum, inputs, deltas)
+    new_state = _combine(coef["state"], state, momentum, inputs, deltas)
+    new_momentum = _combine(coef["momentum"], state, momentum, inputs, deltas)
+    return y_CxD, new_state, new_momentum, losses_K
 
 
 def _per_token(rows_CxK2, start, momentum, inputs, deltas):
@@ -292,7 +349,7 @@ def _per_token(rows_CxK2, start, momentum, inputs, deltas):
     ]
 
 
-def chunk_step_materialised(spec, state, weights, momentum, inputs, deltas, coef, chunk):
+def chunk_step_materialised(spec: Spec, state, weights, momentum, inputs, deltas, coef, chunk):
     if spec.optimizer == "muon":
         s_t = _per_token(coef[1:, 0], state, momentum, inputs, deltas)
         orthogonal = [jax.vmap(partial(newton_schulz, steps=spec.ns_steps))(s) for s in s_t]
@@ -308,7 +365,7 @@ def chunk_step_materialised(spec, state, weights, momentum, inputs, deltas, coef
         new_momentum = [x[-1] for x in s_t]
     else:
         a_t = _per_token(coef[1:, 1], state, momentum, inputs, deltas)
-        new_momentum = _combine(coef[-1, 0], state, momentum, inputs, deltas)
+        new_momentum = _combine(linear_coefficients(spec, coef)["momentum"], state, momentum, inputs, deltas)
     new_state = [x[-1] for x in a_t]
     w_t = [jax.vmap(lambda a, a0=a0: effective_weights(spec, [a], [a0])[0])(x) for x, a0 in zip(a_t, state)]
     if spec.read == "before":
@@ -317,8 +374,23 @@ def chunk_step_materialised(spec, state, weights, momentum, inputs, deltas, coef
     return y_CxD, new_state, new_momentum
 
 
-def _largest_divisor_at_most(n: int, limit: int) -> int:
-    return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
+def remat_group(spec: Spec, n: int) -> int:
+    """Chunks per rematerialisation group for N chunks: the largest divisor of N up to remat_chunks."""
+    return max(d for d in range(1, max(1, min(n, spec.remat_chunks)) + 1) if n % d == 0)
+
+
+def chunk_streams(spec: Spec, streams, n: int):
+    """Streams [B, H, time, ...] (see `scan_chunks`) cut into N chunks: [B, H, N, C, ...], and the window
+    streams [B, H, N, C + c - 1, ...] (each chunk with the c - 1 tokens before it)."""
+    c, window = spec.chunk, spec.window - 1
+    extended = jnp.arange(n)[:, None] * c + jnp.arange(c + window)[None, :]  # [N, C + c - 1]
+
+    def per_chunk(name, x):
+        if window and name in spec.window_streams:
+            return jnp.take(x, extended, axis=2)
+        return x.reshape(*x.shape[:2], n, c, *x.shape[3:])  # a reshape, not a gather: no copy
+
+    return {name: per_chunk(name, x) for name, x in streams.items()}
 
 
 def scan_chunks(spec: Spec, state, momentum, streams, full_N, with_after_loss=False):
@@ -331,16 +403,8 @@ def scan_chunks(spec: Spec, state, momentum, streams, full_N, with_after_loss=Fa
     Returns y [B, H, N*C, D], the state after the last complete chunk, and stats (each [N], averaged
     over batch and heads).
     """
-    c, window = spec.chunk, spec.window - 1
-    n = full_N.shape[0]
-    extended = jnp.arange(n)[:, None] * c + jnp.arange(c + window)[None, :]  # [N, C + c - 1]
-
-    def per_chunk(name, x):  # -> [N, B, H, C (or C + c - 1), ...]
-        if name in spec.window_streams:
-            return jnp.moveaxis(jnp.take(x, extended, axis=2), 2, 0)
-        return jnp.moveaxis(x.reshape(*x.shape[:2], n, c, *x.shape[3:]), 2, 0)
-
-    xs = {name: per_chunk(name, x) for name, x in streams.items()}
+    c, n = spec.chunk, full_N.shape[0]
+    xs = {name: jnp.moveaxis(x, 2, 0) for name, x in chunk_streams(spec, streams, n).items()}  # [N, B, H, ...]
     step_bh = jax.vmap(jax.vmap(partial(chunk_step, spec, with_after_loss=with_after_loss)))
 
     def one_chunk(carry, chunk):
@@ -351,7 +415,7 @@ def scan_chunks(spec: Spec, state, momentum, streams, full_N, with_after_loss=Fa
         stats = jax.tree_util.tree_map(jnp.mean, stats)
         return (keep_new(new_state, state), keep_new(new_momentum, momentum)), (y, stats)
 
-    group = _largest_divisor_at_most(n, spec.remat_chunks)
+    group = remat_group(spec, n)
 
     @jax.checkpoint
     def one_group(carry, chunks):

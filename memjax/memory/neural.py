@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from memjax.kernels.neural_memory import api as neural_memory
 from memjax.memory import engine
 from memjax.models import layers
 
@@ -73,6 +74,7 @@ class NeuralMemory(nnx.Module):
         dtype = jnp.dtype(model_cfg.dtype)
         std, out_std = model_cfg.init_std, model_cfg.init_std / (2 * model_cfg.num_layers) ** 0.5
         self.spec = engine_spec(p, model_cfg.norm_eps)
+        self.kernel = p.kernel  # the chunk scan's implementation: memjax.kernels.neural_memory.api
         self.heads, self.head_dim, self.dtype, self.eps = h, dh, dtype, model_cfg.norm_eps
         self.conv_kernel, self.theta_max, self.num_persistent = p.conv_kernel, p.theta_max, p.persistent_tokens
         self.degree = p.feature_degree
@@ -209,8 +211,9 @@ class NeuralMemory(nnx.Module):
         window_prefixed = {name: jnp.concatenate([state["history"][name], joined[name]], axis=2)
                            for name in self.spec.window_streams}
         chunked.update({name: x[:, :, : self.spec.window - 1 + n * c] for name, x in window_prefixed.items()})
-        y, memory, momentum, stats = engine.scan_chunks(
-            self.spec, state["memory"], state["momentum"], chunked, full, with_after_loss=self.record
+        y, memory, momentum, stats = neural_memory.scan_chunks(
+            self.spec, state["memory"], state["momentum"], chunked, full, with_after_loss=self.record,
+            kernel=self.kernel,
         )
         y_BxHxTxK = jax.lax.dynamic_slice_in_dim(y, count, t, axis=2)
         boundary = (valid // c) * c

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from memjax.kernels import dispatch
+from memjax.kernels.neural_memory import api as neural_memory
 from memjax.memory import engine, neural
 from memjax.models import layers
 from memjax.models.registry import register
@@ -112,6 +114,10 @@ class NeuralMemoryBlock(nnx.Module):
         "read": "after",  # y_t = M_t(q_t) ("after" the token's write) or M_{t-1}(q_t) ("before")
         "chunk": 16,  # tokens per chunk: inner gradients are taken at the chunk-start state
         "remat_chunks": 4,  # chunks per rematerialisation group (one stored state per group)
+        # The chunk scan's implementation (memjax.kernels.neural_memory): "auto" (the Pallas kernel on TPU /
+        # GPU where it supports the configuration, else the pure-JAX reference, with a warning), "reference"
+        # or "pallas" (an error where unsupported; interpret mode on CPU).
+        "kernel": "auto",
         "conv_kernel": 4,  # causal depthwise conv on q, k, v; 0 = none
         "theta_max": 1.0,  # step size theta = theta_max * sigmoid(.)
         "theta_init": 0.1,  # gate values at initialisation (their biases)
@@ -314,6 +320,11 @@ class NeuralMemoryBlock(nnx.Module):
         require(p.objective in engine.OBJECTIVES, f"{field}.objective",
                 f"{p.objective!r} is not one of {list(engine.OBJECTIVES)}")
         require(p.read in engine.READS, f"{field}.read", f"{p.read!r} is not one of {list(engine.READS)}")
+        require(p.kernel in dispatch.KERNEL_CHOICES, f"{field}.kernel",
+                f"{p.kernel!r} is not one of {list(dispatch.KERNEL_CHOICES)}")
+        if p.kernel == "pallas":
+            ok, why = neural_memory.spec_supported(neural.engine_spec(p, cfg.model.norm_eps))
+            require(ok, f"{field}.kernel", f"'pallas' does not run this memory: {why}; use 'auto' or 'reference'")
         require(p.chunk >= 1, f"{field}.chunk", f"must be >= 1, got {p.chunk}")
         require(p.remat_chunks >= 1, f"{field}.remat_chunks", f"must be >= 1, got {p.remat_chunks}")
         require(p.conv_kernel >= 0, f"{field}.conv_kernel", f"must be >= 0, got {p.conv_kernel}")

@@ -33,8 +33,9 @@ TPU_INTERPRET: bool | pltpu.InterpretParams = True
 
 
 def platform() -> str:
-    backend = jax.default_backend()
-    return INTERPRET_AS if backend == "cpu" else backend
+    """The kernel's platform: dispatch.platform(), or INTERPRET_AS where that is the CPU."""
+    target = dispatch.platform()
+    return INTERPRET_AS if target == "cpu" else target
 
 
 def support(table_NxV) -> tuple[bool, str]:
