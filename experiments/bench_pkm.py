@@ -168,10 +168,10 @@ def main():
         no_dv_s = forward_backward_time(MemoryLayer(m, nnx.Rngs(params=0)), table_gradient=False)
         block_s = forward_backward_time(Block(pkm.ProductKeyMemoryBlock, m, nnx.Rngs(params=0))) if args.blocks else None
         update_s, zero_s = table_update_time(n * n, pkm.value_dim(m))
-        rows.append((f"memory {n * n:>9,} slots", study.pkm_forward_flops(m), layer_s, block_s, update_s, zero_s, no_dv_s))
+        flops = study.pkm_forward_flops(m)
+        rows.append((f"memory {n * n:>9,} slots", flops, layer_s, block_s, update_s, zero_s, no_dv_s))
 
-    target = study.pkm_forward_flops(model_config(sizes[-1]))
-    d_ff = max(64, round(target / (6 * args.d_model) / 64) * 64)
+    d_ff = study.matched_swiglu_width(model_config(sizes[-1]))
     m = model_config(sizes[0], d_ff=d_ff)
     dense_s = forward_backward_time(DenseLayer(m, nnx.Rngs(params=0)))
     dense_block_s = forward_backward_time(Block(attention.FullAttention, m, nnx.Rngs(params=0))) if args.blocks else None

@@ -2,7 +2,7 @@
 
     python experiments/facts.py [--preset quick|full] [--out DIR] [--only NAME]
 
-A fixed world of facts (memjax.tasks.facts: a two-token subject -> one attribute token, the same world
+A fixed world of facts (memjax.tasks.facts: a subject of a few tokens -> one attribute token, the same world
 for training and held-out rows) is trained at several world sizes. Each row strings together random
 facts, so in-context recall cannot answer: the attributes must be stored in the parameters. Two models
 per world size, alike except for the FFN of every layer:
@@ -22,18 +22,20 @@ import itertools
 import study
 
 PRESETS = {
-    "quick": dict(num_facts=(1024, 4096, 16384), d_model=64, num_layers=2, seq_len=63, steps=2000, batch_size=64,
-                  lr=3e-3, pkm={"n_keys": 128, "k_dim": 64, "k": 16, "heads": 4}, examples=512),
-    "full": dict(num_facts=(4096, 16384, 65536, 262144), d_model=512, num_layers=6, seq_len=255, steps=20_000,
-                 batch_size=128, lr=1e-3, pkm={"n_keys": 512, "k_dim": 256, "k": 32, "heads": 4}, examples=4096),
+    "quick": dict(num_facts=(1024, 12288), subject_tokens=2, d_model=64, num_layers=2, seq_len=63, steps=1500,
+                  batch_size=64, lr=3e-3, pkm={"n_keys": 128, "k_dim": 64, "k": 16, "heads": 4}, examples=512),
+    "full": dict(num_facts=(4096, 16384, 65536, 262144), subject_tokens=3, d_model=512, num_layers=6, seq_len=255,
+                 steps=20_000, batch_size=128, lr=1e-3, pkm={"n_keys": 512, "k_dim": 256, "k": 32, "heads": 4},
+                 examples=4096),
 }
 MIXERS = ("dense", "pkm")
 
 
 def config(p: dict, mixer: str, num_facts: int):
-    cfg = study.task_config("facts", f"num_facts={num_facts},subject_tokens=2", seq_len=p["seq_len"],
-                            mixer="pkm", d_model=p["d_model"], num_layers=p["num_layers"], steps=p["steps"],
-                            batch_size=p["batch_size"], lr=p["lr"], window=p["seq_len"], **p["pkm"])
+    options = f"num_facts={num_facts},subject_tokens={p['subject_tokens']}"
+    cfg = study.task_config("facts", options, seq_len=p["seq_len"], mixer="pkm", d_model=p["d_model"],
+                            num_layers=p["num_layers"], steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"],
+                            window=p["seq_len"], **p["pkm"])
     if mixer == "dense":  # the same model with a SwiGLU FFN of the memory layer's forward FLOPs
         cfg.model.d_ff = study.matched_swiglu_width(cfg.model)
         study.set_mixer(cfg, "attention", window=p["seq_len"])
@@ -75,9 +77,10 @@ def main(argv=None):
     figure = study.save_figure(fig, s.path("facts.png"))
     chance = "1/128 attributes"
     s.write_summary(f"Fact recall: memory layers vs dense FFN ({args.preset} preset)", [
-        f"d_model {p['d_model']}, {p['num_layers']} layers, rows of {p['seq_len'] + 1} tokens (a two-token subject and "
-        f"its attribute per fact), {p['steps']} steps x batch {p['batch_size']}, learning rate {p['lr']}; product-key "
-        f"memory {p['pkm']} in every layer; the dense model's SwiGLU width gives the same forward FLOPs per token. "
+        f"d_model {p['d_model']}, {p['num_layers']} layers, rows of {p['seq_len'] + 1} tokens (a "
+        f"{p['subject_tokens']}-token subject and its attribute per fact), {p['steps']} steps x batch "
+        f"{p['batch_size']}, learning rate {p['lr']}; product-key memory {p['pkm']} in every layer; the dense "
+        f"model's SwiGLU width gives the same forward FLOPs per token. "
         f"Accuracy over the facts of {p['examples']} held-out rows (chance: {chance}).",
         study.markdown_table(sorted(results, key=lambda r: (r["num_facts"], r["mixer"])),
                              ["num_facts", "mixer", "accuracy", "d_ff", "ffn_flops_per_token", "params", "eval_loss",
