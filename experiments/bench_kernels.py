@@ -17,7 +17,6 @@ bench_<op> function, an entry in OPS and in DEFAULTS.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -26,6 +25,8 @@ from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_titans' train-step timing
+
+import study  # noqa: E402  (experiments/, this script's directory)
 
 DEFAULTS: dict[str, dict] = {
     # One Titans memory (per head: a 2-layer GELU MLP of expansion 4, momentum and decay) over a batch of
@@ -303,12 +304,7 @@ def main(argv=None):
             print(f"{row['op']:<15}{row['what']:<52}{row['reference_ms']:>14.2f}{row['pallas_ms']:>11.2f}"
                   f"{row['speedup']:>9.2f}x", flush=True)
     if args.csv and rows:
-        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-        with open(args.csv, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"wrote {args.csv}")
+        print(f"wrote {study.write_csv(args.csv, rows)}")
     sys.exit(1 if failed else 0)
 
 

@@ -24,13 +24,14 @@ Adding a block: any registered name works in --blocks; its targets go in TARGETS
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+import study  # noqa: E402  (experiments/, this script's directory)
 
 # Per block: the largest allowed step-time ratio between the longest and the second-longest context
 # (4096 vs 1024 by default; 4.0 is linear), and whether it must beat the baseline at the longest one.
@@ -183,12 +184,7 @@ def main(argv=None):
         print(f"\nall targets met: {'yes' if met_all else 'no'}")
 
     if args.csv:
-        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-        with open(args.csv, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"wrote {args.csv}")
+        print(f"wrote {study.write_csv(args.csv, rows)}")
 
 
 if __name__ == "__main__":

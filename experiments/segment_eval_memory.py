@@ -16,11 +16,12 @@ Output: a table and the ratio of the peak at the longest vs the shortest length 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
 import sys
+
+import study  # experiments/, this script's directory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,12 +107,7 @@ def main(argv=None):
             if lengths[0] in peaks and lengths[-1] in peaks:
                 print(f"  {name:<12}{mode:<10}{peaks[lengths[-1]] / peaks[lengths[0]]:>7.2f}x")
     if args.csv:
-        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-        with open(args.csv, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"wrote {args.csv}")
+        print(f"wrote {study.write_csv(args.csv, rows)}")
 
 
 if __name__ == "__main__":

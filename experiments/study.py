@@ -97,17 +97,22 @@ class Study:
         return os.path.join(self.dir, filename)
 
     def write_csv(self, rows: list[dict], filename: str = "results.csv") -> str:
-        fields = list(dict.fromkeys(key for row in rows for key in row))
-        with open(self.path(filename), "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-        return self.path(filename)
+        return write_csv(self.path(filename), rows)
 
     def write_summary(self, title: str, paragraphs: list[str], filename: str = "README.md") -> str:
         with open(self.path(filename), "w", encoding="utf-8") as f:
             f.write(f"# {title}\n\n" + "\n\n".join(p.strip() for p in paragraphs) + "\n")
         return self.path(filename)
+
+
+def write_csv(path: str, rows: list[dict]) -> str:
+    """rows as CSV at path (its folder created), with the union of their keys as columns."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
 
 
 def train(cfg, workdir: str) -> dict:
