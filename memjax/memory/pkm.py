@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from memjax.kernels.dispatch import KERNEL_CHOICES
+from memjax.kernels.pkm_lookup import reference as lookup_reference
 from memjax.memory import bag
 from memjax.models import layers
 from memjax.models.attention import AttentionLayer
@@ -66,24 +67,67 @@ def product_key_topk(q_BxHxK, keys_Hx2xNxK2, k: int):
     """Top-k slots of each head over the n^2 product keys, without scoring them all.
 
     q_BxHxK: queries (any leading dims); keys_Hx2xNxK2: the two half-key codebooks of each head.
-    Returns scores [..., H, k] (float32, or float64 for float64 queries; descending) and int32 slots
-    i*n + j [..., H, k]. Each half keeps min(k, n) candidates: any pair in the overall top-k has both
-    halves in their half's top-k; `candidate_pairs` then prunes the pairs that cannot make the cut.
+    Returns scores [..., H, k] (float32, or float64 for float64 queries; in the search's descending
+    order) and int32 slots i*n + j [..., H, k]. Each half keeps min(k, n) candidates: any pair in the
+    overall top-k has both halves in their half's top-k; `candidate_pairs` then prunes the pairs that
+    cannot make the cut.
     """
     n = keys_Hx2xNxK2.shape[2]
     q1, q2 = jnp.split(q_BxHxK, 2, axis=-1)
     keys = keys_Hx2xNxK2.astype(q_BxHxK.dtype)
     score_dtype = jnp.promote_types(q_BxHxK.dtype, jnp.float32)  # float32 from bfloat16 queries
-    s1 = jnp.einsum("...hd,hnd->...hn", q1, keys[:, 0], preferred_element_type=score_dtype)
-    s2 = jnp.einsum("...hd,hnd->...hn", q2, keys[:, 1], preferred_element_type=score_dtype)
+    # The search runs without gradients; the chosen pairs' scores are recomputed from their half-keys
+    # below, so the backward touches k half-keys per query instead of all n (a dense [.., n] score
+    # gradient, almost all zeros, would cost as much as the search itself and grow with sqrt(N)).
     half_k = min(k, n)
-    top1, idx1 = jax.lax.top_k(s1, half_k)
-    top2, idx2 = jax.lax.top_k(s2, half_k)
+
+    def half_topk(q_half, keys_half):
+        # Heads lead the score table: no transpose of the [.., n] scores (a third of the search on CPU).
+        q_half, keys_half = jax.lax.stop_gradient((jnp.moveaxis(q_half, -2, 0), keys_half))
+        scores = jnp.einsum("h...d,hnd->h...n", q_half, keys_half, preferred_element_type=score_dtype)
+        return [jnp.moveaxis(x, 0, -2) for x in jax.lax.top_k(scores, half_k)]
+
+    top1, idx1 = half_topk(q1, keys[:, 0])
+    top2, idx2 = half_topk(q2, keys[:, 1])
     a, b = candidate_pairs(k, half_k)
-    scores, pos = jax.lax.top_k(top1[..., a] + top2[..., b], k)
+    _, pos = jax.lax.top_k(top1[..., a] + top2[..., b], k)
     i = jnp.take_along_axis(idx1, jnp.asarray(a)[pos], axis=-1)
     j = jnp.take_along_axis(idx2, jnp.asarray(b)[pos], axis=-1)
+    scores = (chosen_scores(q1.astype(score_dtype), keys[:, 0].astype(score_dtype), i)
+              + chosen_scores(q2.astype(score_dtype), keys[:, 1].astype(score_dtype), j))
     return scores, (i * n + j).astype(jnp.int32)
+
+
+def chosen_scores(q_BxHxD, keys_HxNxD, idx_BxHxk):
+    """<q[.., h], keys[h, idx[.., h, c]]> [B.., H, k], differentiable in q and keys.
+
+    This is the transpose of a weighted embedding bag over the heads' stacked half-keys, so it reuses
+    the bag's gather-reduce and scatter-add: its forward is the bag's weight gradient, its q-gradient
+    the bag's forward with the score gradients as weights, its key gradient the bag's table gradient.
+    """
+    heads, n, d = keys_HxNxD.shape
+    lead = idx_BxHxk.shape[:-1]
+    rows = (idx_BxHxk + n * jnp.arange(heads)[:, None]).reshape(-1, idx_BxHxk.shape[-1])
+    return _chosen_scores(q_BxHxD.reshape(-1, d), keys_HxNxD.reshape(heads * n, d), rows).reshape(idx_BxHxk.shape)
+
+
+@jax.custom_vjp
+def _chosen_scores(q_MxD, keys_NxD, idx_MxK):
+    return lookup_reference.weights_grad(keys_NxD, idx_MxK, q_MxD)
+
+
+def _chosen_scores_fwd(q_MxD, keys_NxD, idx_MxK):
+    return _chosen_scores(q_MxD, keys_NxD, idx_MxK), (q_MxD, keys_NxD, idx_MxK)
+
+
+def _chosen_scores_bwd(residuals, dscores_MxK):
+    q_MxD, keys_NxD, idx_MxK = residuals
+    dq_MxD = lookup_reference.forward(keys_NxD, idx_MxK, dscores_MxK)
+    dkeys_NxD = lookup_reference.table_grad(keys_NxD.shape[0], idx_MxK, dscores_MxK, q_MxD)
+    return dq_MxD, dkeys_NxD, None
+
+
+_chosen_scores.defvjp(_chosen_scores_fwd, _chosen_scores_bwd)
 
 
 class ValueTable(nnx.Module):
