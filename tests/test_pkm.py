@@ -70,9 +70,11 @@ def test_product_key_topk_equals_brute_force_over_all_pairs(k, ties):
         assert all(len(set(row)) == k for row in np.asarray(slots).reshape(-1, k))
 
 
-def test_selected_scores_gradient_equals_autodiff_through_all_pair_scores():
-    """The search runs without gradients and the chosen scores are recomputed (chosen_scores, a custom
-    VJP): their gradients in q and keys must equal autodiff through the dense n^2 score table."""
+@pytest.mark.parametrize("recompute_above", [0, 1000], ids=["recomputed", "through_the_search"])
+def test_selected_scores_gradient_equals_autodiff_through_all_pair_scores(monkeypatch, recompute_above):
+    """Whether the chosen scores are recomputed (chosen_scores, a custom VJP) or differentiated through
+    the search, their gradients in q and keys equal autodiff through the dense n^2 score table."""
+    monkeypatch.setattr(pkm, "RECOMPUTE_SCORES_ABOVE", recompute_above)
     rng = np.random.default_rng(0)
     h, n, half, k = 3, 8, 4, 6
     with jax.enable_x64(True):
