@@ -1,6 +1,16 @@
-"""Eight fake CPU devices for sharding tests: must be set before jax is imported anywhere."""
+"""Eight fake CPU devices for sharding tests: must be set before jax is imported anywhere.
+
+A persistent compilation cache, shared by the test workers of one checkout: many tests compile the
+same programs again (a run and its resume, each subprocess of the reliability and multi-host tests,
+one config trained by several tests), and compiling is most of their time. Keys hold the program,
+the devices and the jax version, so an entry is reused only for an identical compile; an unreadable
+entry is recompiled with a warning.
+"""
 
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
