@@ -119,7 +119,6 @@ def chosen_scores(q_BxHxD, keys_HxNxD, idx_BxHxk):
     the bag's forward with the score gradients as weights, its key gradient the bag's table gradient.
     """
     heads, n, d = keys_HxNxD.shape
-    lead = idx_BxHxk.shape[:-1]
     rows = (idx_BxHxk + n * jnp.arange(heads)[:, None]).reshape(-1, idx_BxHxk.shape[-1])
     return _chosen_scores(q_BxHxD.reshape(-1, d), keys_HxNxD.reshape(heads * n, d), rows).reshape(idx_BxHxk.shape)
 
