@@ -10,7 +10,10 @@ per world size, alike except for the FFN of every layer:
          (study.matched_swiglu_width);
   pkm    attention + a product-key memory (Memory+) in place of the FFN (Berges et al. 2024's claim:
          more facts recalled at the same active compute).
-Accuracy is scored by memjax.evaluate on held-out rows (other example seed, same world).
+Accuracy is scored by memjax.evaluate on held-out rows (other example seed, same world). Every world
+is trained for the same number of sightings per fact (steps = sightings x facts / facts seen per
+step), so a larger world gets more steps and the comparison is one of
+capacity, not of exposure.
 Outputs under experiments/results/facts/: results.csv, facts.png (accuracy vs number of facts),
 README.md. A rerun skips finished runs.
 """
@@ -18,17 +21,19 @@ README.md. A rerun skips finished runs.
 from __future__ import annotations
 
 import itertools
+import math
 
 import study
 
 PRESETS = {
-    # A world the dense model stores whole and one past it: 12,288 facts were still all recalled by both
-    # (accuracy 1.0), so they are not in the quick grid (whose pkm runs are its slow part).
-    "quick": dict(num_facts=(1024, 65536), d_model=64, num_layers=2, seq_len=63, steps=1500,
-                  batch_size=64, lr=3e-3, pkm={"n_keys": 128, "k_dim": 64, "k": 16, "heads": 4}, examples=512),
-    "full": dict(num_facts=(4096, 16384, 65536, 262144), d_model=512, num_layers=6, seq_len=255,
-                 steps=20_000, batch_size=128, lr=1e-3, pkm={"n_keys": 512, "k_dim": 256, "k": 32, "heads": 4},
-                 examples=4096),
+    # Two-token subjects throughout (up to 16,129 facts). With a fixed 1500 steps, 1,024 facts were learnt
+    # long before the end and 65,536 (23 sightings each) by neither model, so steps follow the world size.
+    # d_model 32 (2 heads) keeps the dense model small enough to run out of room inside the grid: at d_model
+    # 64 both models recalled all 16,000 facts, which measures nothing about capacity.
+    "quick": dict(num_facts=(1024, 4096, 16000), sightings=100, d_model=32, num_layers=2, seq_len=63,
+                  batch_size=64, lr=3e-3, pkm={"n_keys": 128, "k_dim": 32, "k": 16, "heads": 2}, examples=512),
+    "full": dict(num_facts=(4096, 16384, 65536, 262144), sightings=500, d_model=512, num_layers=6, seq_len=255,
+                 batch_size=128, lr=1e-3, pkm={"n_keys": 512, "k_dim": 256, "k": 32, "heads": 4}, examples=4096),
 }
 MIXERS = ("dense", "pkm")
 
@@ -41,10 +46,16 @@ def subject_tokens(num_facts: int, vocab_size: int = 256) -> int:
     return tokens
 
 
+def train_steps(p: dict, num_facts: int) -> int:
+    """Steps that show each fact `p["sightings"]` times on average (rows of (T + 1) // (S + 1) facts)."""
+    facts_per_row = (p["seq_len"] + 1) // (subject_tokens(num_facts) + 1)
+    return math.ceil(p["sightings"] * num_facts / (p["batch_size"] * facts_per_row))
+
+
 def config(p: dict, mixer: str, num_facts: int):
     options = f"num_facts={num_facts},subject_tokens={subject_tokens(num_facts)}"
     cfg = study.task_config("facts", options, seq_len=p["seq_len"], mixer="pkm", d_model=p["d_model"],
-                            num_layers=p["num_layers"], steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"],
+                            num_layers=p["num_layers"], steps=train_steps(p, num_facts), batch_size=p["batch_size"], lr=p["lr"],
                             window=p["seq_len"], **p["pkm"])
     if mixer == "dense":  # the same model with a SwiGLU FFN of the memory layer's forward FLOPs
         cfg.model.d_ff = study.matched_swiglu_width(cfg.model)
@@ -68,7 +79,8 @@ def main(argv=None):
             trained = study.train(cfg, workdir)
             scored = evaluate.evaluate_run(workdir, "facts", [cfg.train.seq_len], examples=p["examples"],
                                            batch_size=min(p["examples"], 256))
-            return {**meta, "accuracy": scored[0]["value"], "n": scored[0]["n"], "params": trained["params"],
+            return {**meta, "accuracy": scored[0]["value"], "n": scored[0]["n"], "steps": cfg.train.steps,
+                    "params": trained["params"],
                     "non_embedding_params": trained["non_embedding_params"], "d_ff": cfg.model.d_ff,
                     "ffn_flops_per_token": (study.pkm_forward_flops(cfg.model) if mixer == "pkm"
                                             else 6 * cfg.model.d_model * cfg.model.d_ff),
@@ -89,12 +101,12 @@ def main(argv=None):
     s.write_summary(f"Fact recall: memory layers vs dense FFN ({args.preset} preset)", [
         f"d_model {p['d_model']}, {p['num_layers']} layers, rows of {p['seq_len'] + 1} tokens (facts one after "
         f"another: a subject of the fewest tokens that name the world's subjects, then its attribute; two tokens "
-        f"up to 16,129 facts, three beyond), {p['steps']} steps x batch "
-        f"{p['batch_size']}, learning rate {p['lr']}; product-key memory {p['pkm']} in every layer; the dense "
+        f"up to 16,129 facts, three beyond), batch {p['batch_size']} for {p['sightings']} sightings of each fact on "
+        f"average (the steps column), learning rate {p['lr']}; product-key memory {p['pkm']} in every layer; the dense "
         f"model's SwiGLU width gives the same forward FLOPs per token. "
         f"Accuracy over the facts of {p['examples']} held-out rows (chance: {chance}).",
         study.markdown_table(sorted(results, key=lambda r: (r["num_facts"], r["mixer"])),
-                             ["num_facts", "mixer", "accuracy", "d_ff", "ffn_flops_per_token", "params", "eval_loss",
+                             ["num_facts", "mixer", "accuracy", "steps", "d_ff", "ffn_flops_per_token", "params", "eval_loss",
                               "seconds"],
                              {"accuracy": ".4f", "ffn_flops_per_token": ",.0f", "params": ",", "eval_loss": ".3f",
                               "seconds": ".0f"}),

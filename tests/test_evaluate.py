@@ -19,6 +19,7 @@ from memjax.tasks import make_task, make_task_iterator, metrics, with_answer
 from tests.helpers import tiny_config
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+import facts  # noqa: E402
 import scaling  # noqa: E402
 import study  # noqa: E402
 
@@ -200,3 +201,12 @@ def test_study_skips_finished_runs(tmp_path):
     assert len(calls) == 3
     with open(s.write_csv(results), newline="") as f:
         assert [r["run"] for r in csv.DictReader(f)] == ["a", "bb"]
+
+
+def test_facts_steps_give_each_fact_its_sightings():
+    p = dict(facts.PRESETS["quick"], sightings=100, seq_len=63, batch_size=64)
+    # two-token subjects: 64 // 3 = 21 facts per row, 1344 per step
+    assert facts.subject_tokens(16000) == 2 and facts.subject_tokens(16129) == 2 and facts.subject_tokens(16130) == 3
+    assert facts.train_steps(p, 16000) == 1191  # ceil(100 * 16000 / 1344)
+    assert facts.train_steps(p, 1344) == 100
+    assert facts.train_steps(dict(p, sightings=500), 1344) == 500
