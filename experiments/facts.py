@@ -12,8 +12,7 @@ per world size, alike except for the FFN of every layer:
          more facts recalled at the same active compute).
 Accuracy is scored by memjax.evaluate on held-out rows (other example seed, same world). Every world
 is trained for the same number of sightings per fact (steps = sightings x facts / facts seen per
-step), so a larger world gets more steps and the comparison is one of
-capacity, not of exposure.
+step), so a larger world gets more steps and the comparison is one of capacity, not of exposure.
 Outputs under experiments/results/facts/: results.csv, facts.png (accuracy vs number of facts),
 README.md. A rerun skips finished runs.
 """
@@ -47,15 +46,18 @@ def subject_tokens(num_facts: int, vocab_size: int = 256) -> int:
 
 
 def train_steps(p: dict, num_facts: int) -> int:
-    """Steps that show each fact `p["sightings"]` times on average (rows of (T + 1) // (S + 1) facts)."""
-    facts_per_row = (p["seq_len"] + 1) // (subject_tokens(num_facts) + 1)
-    return math.ceil(p["sightings"] * num_facts / (p["batch_size"] * facts_per_row))
+    """Steps that show each fact `p["sightings"]` times on average."""
+    from memjax.tasks.facts import Facts
+
+    task = Facts(p["seq_len"], num_facts=num_facts, subject_tokens=subject_tokens(num_facts))
+    return math.ceil(p["sightings"] * num_facts / (p["batch_size"] * task.facts_per_row))
 
 
 def config(p: dict, mixer: str, num_facts: int):
     options = f"num_facts={num_facts},subject_tokens={subject_tokens(num_facts)}"
     cfg = study.task_config("facts", options, seq_len=p["seq_len"], mixer="pkm", d_model=p["d_model"],
-                            num_layers=p["num_layers"], steps=train_steps(p, num_facts), batch_size=p["batch_size"], lr=p["lr"],
+                            num_layers=p["num_layers"], steps=train_steps(p, num_facts),
+                            batch_size=p["batch_size"], lr=p["lr"],
                             window=p["seq_len"], **p["pkm"])
     if mixer == "dense":  # the same model with a SwiGLU FFN of the memory layer's forward FLOPs
         cfg.model.d_ff = study.matched_swiglu_width(cfg.model)
