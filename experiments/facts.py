@@ -37,24 +37,18 @@ PRESETS = {
 MIXERS = ("dense", "pkm")
 
 
-def subject_tokens(num_facts: int, vocab_size: int = 256) -> int:
-    """The fewest subject tokens (each from the V/2 - 1 key ids) that name `num_facts` distinct subjects."""
-    keys, tokens = vocab_size // 2 - 1, 1
-    while keys**tokens < num_facts:
-        tokens += 1
-    return tokens
-
-
 def train_steps(p: dict, num_facts: int) -> int:
     """Steps that show each fact `p["sightings"]` times on average."""
     from memjax.tasks.facts import Facts
 
-    task = Facts(p["seq_len"], num_facts=num_facts, subject_tokens=subject_tokens(num_facts))
+    task = Facts(p["seq_len"], num_facts=num_facts, subject_tokens=Facts.fewest_subject_tokens(num_facts))
     return math.ceil(p["sightings"] * num_facts / (p["batch_size"] * task.facts_per_row))
 
 
 def config(p: dict, mixer: str, num_facts: int):
-    options = f"num_facts={num_facts},subject_tokens={subject_tokens(num_facts)}"
+    from memjax.tasks.facts import Facts
+
+    options = f"num_facts={num_facts},subject_tokens={Facts.fewest_subject_tokens(num_facts)}"
     cfg = study.task_config("facts", options, seq_len=p["seq_len"], mixer="pkm", d_model=p["d_model"],
                             num_layers=p["num_layers"], steps=train_steps(p, num_facts),
                             batch_size=p["batch_size"], lr=p["lr"],

@@ -16,6 +16,7 @@ from memjax.data.task_batches import parse_task_options
 from memjax.metrics import read_jsonl
 from memjax.models import lm
 from memjax.tasks import make_task, make_task_iterator, metrics, with_answer
+from memjax.tasks.facts import Facts
 from tests.helpers import tiny_config
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
@@ -206,7 +207,8 @@ def test_study_skips_finished_runs(tmp_path):
 def test_facts_steps_give_each_fact_its_sightings():
     p = dict(facts.PRESETS["quick"], sightings=100, seq_len=63, batch_size=64)
     # two-token subjects: 64 // 3 = 21 facts per row, 1344 per step
-    assert facts.subject_tokens(16000) == 2 and facts.subject_tokens(16129) == 2 and facts.subject_tokens(16130) == 3
+    fewest = Facts.fewest_subject_tokens
+    assert fewest(16000) == 2 and fewest(16129) == 2 and fewest(16130) == 3 and fewest(127) == 1
     assert facts.train_steps(p, 16000) == 1191  # ceil(100 * 16000 / 1344)
     assert facts.train_steps(p, 1344) == 100
     assert facts.train_steps(dict(p, sightings=500), 1344) == 500

@@ -28,7 +28,7 @@ class Facts(TaskSource):
                                   ("subject_tokens", subject_tokens, 1), ("world_seed", world_seed, 0)):
             if not isinstance(value, (int, np.integer)) or value < low:
                 raise ValueError(f"{field} must be an integer >= {low}, got {value!r}")
-        keys = vocab_size // 2 - 1
+        keys = self.subject_keys(vocab_size)
         if num_facts > keys**subject_tokens:
             raise ValueError(f"num_facts={num_facts} needs more distinct subjects than {subject_tokens} token(s) "
                              f"from {keys} keys give ({keys ** subject_tokens}): raise subject_tokens or vocab_size")
@@ -43,6 +43,19 @@ class Facts(TaskSource):
         self.subjects = (1 + digits).astype(np.int64)  # [F, S], distinct rows
         self.attributes = world.integers(vocab_size // 2, vocab_size, self.num_facts)  # [F]
         self.facts_per_row = (self.seq_len + 1) // self.fact_len
+
+    @staticmethod
+    def subject_keys(vocab_size: int) -> int:
+        """Ids a subject token is drawn from: [1, V/2) (0 stays free; the upper half are attributes)."""
+        return vocab_size // 2 - 1
+
+    @classmethod
+    def fewest_subject_tokens(cls, num_facts: int, vocab_size: int = 256) -> int:
+        """The fewest subject tokens that name `num_facts` distinct subjects."""
+        keys, tokens = cls.subject_keys(vocab_size), 1
+        while keys**tokens < num_facts:
+            tokens += 1
+        return tokens
 
     def example(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         chosen = rng.integers(0, self.num_facts, self.facts_per_row)
