@@ -7,7 +7,9 @@ Times, in one process, forward+backward (gradients of every parameter, value tab
 the input) of the memory layer, x + Memory+(RMSNorm(x)), at 16K, 262K and 1M slots with the same
 width, heads and k; then a dense SwiGLU FFN layer whose forward FLOPs per token equal the 1M-slot
 memory's; with --blocks also the whole pkm block (attention + memory) and an attention + SwiGLU block.
-Each figure is the median of --runs synchronised runs after --warmup untimed ones. The AdamW update of
+The steps are timed in interleaved rounds (each round runs every one once, after --warmup untimed runs
+of each): a figure is the median over --runs rounds, a ratio the median of the ratios within a round,
+so a change of the machine's speed mid-run (other load) does not skew the comparison. The AdamW update of
 the value table alone is timed separately, as is allocating and zeroing a table-sized buffer (the dense
 gradient dV that the layer's backward must return; the rest of its backward does not grow with N).
 
@@ -66,6 +68,7 @@ def main():
     import jax.numpy as jnp
     import optax
     from flax import nnx
+    from tqdm import tqdm
 
     from memjax.config import base_config
     from memjax.memory import pkm
@@ -114,21 +117,32 @@ def main():
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
-    def forward_backward_time(module, table_gradient: bool = True) -> float:
-        """With table_gradient=False the value table is a constant: no dense dV is formed (isolates
-        the work of the layer itself from the table-sized gradient buffer)."""
+    def forward_backward(module, table_gradient: bool = True):
+        """(jitted step, its inputs). With table_gradient=False the value table is a constant: no dense dV
+        is formed (isolates the work of the layer itself from the table-sized gradient buffer)."""
         graphdef, table, params = nnx.split(module, nnx.PathContains("values"), nnx.Param)
 
         def loss(params, table, x):
             return jnp.sum(nnx.merge(graphdef, table, params)(x) * cotangent)
 
-        if table_gradient:
-            step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-        else:
-            step = jax.jit(jax.grad(loss, argnums=(0, 2)))
-        seconds = median_time(step, params, table, x)
-        del params, table
-        return seconds
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2) if table_gradient else (0, 2))), (params, table, x)
+
+    def interleaved_times(steps: dict) -> dict:
+        """Seconds of each step per round: every round times every step in turn, so a change of the
+        machine's speed during the benchmark (other load) hits all of them alike and the ratios of one
+        round stay comparable. Each timed run follows an untimed run of the same step: steady state, as
+        in training, not the caches and heap that the previous step left."""
+        for fn, inputs in steps.values():
+            for _ in range(args.warmup):
+                jax.block_until_ready(fn(*inputs))
+        times = {name: [] for name in steps}
+        for _ in tqdm(range(args.runs), desc="timing rounds", leave=False):
+            for name, (fn, inputs) in steps.items():
+                jax.block_until_ready(fn(*inputs))
+                start = time.perf_counter()
+                jax.block_until_ready(fn(*inputs))
+                times[name].append(time.perf_counter() - start)
+        return times
 
     def table_update_time(n: int, v: int) -> tuple[float, float]:
         """AdamW update of an [n, v] table (donated state), and allocating + zeroing an [n, v] buffer."""
@@ -158,41 +172,51 @@ def main():
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}; "
           f"allocator: {'keeps freed memory, huge pages' if args.allocator == 'keep' else 'system default'}")
     print(f"d_model={args.d_model} v_dim={args.v_dim} k_dim={args.k_dim} heads={args.heads} k={args.k} "
-          f"tokens={args.batch}x{args.seq_len}; median of {args.runs} runs after {args.warmup} warm-up\n")
+          f"tokens={args.batch}x{args.seq_len}; median of {args.runs} interleaved rounds after {args.warmup} "
+          f"warm-up runs\n")
 
     sizes = [int(n) for n in args.n_keys.split(",")]
-    rows = []
-    for n in sizes:
-        m = model_config(n)
-        layer_s = forward_backward_time(MemoryLayer(m, nnx.Rngs(params=0)))
-        no_dv_s = forward_backward_time(MemoryLayer(m, nnx.Rngs(params=0)), table_gradient=False)
-        block_s = forward_backward_time(Block(pkm.ProductKeyMemoryBlock, m, nnx.Rngs(params=0))) if args.blocks else None
-        update_s, zero_s = table_update_time(n * n, pkm.value_dim(m))
-        flops = study.pkm_forward_flops(m)
-        rows.append((f"memory {n * n:>9,} slots", flops, layer_s, block_s, update_s, zero_s, no_dv_s))
-
     d_ff = study.matched_swiglu_width(model_config(sizes[-1]))
-    m = model_config(sizes[0], d_ff=d_ff)
-    dense_s = forward_backward_time(DenseLayer(m, nnx.Rngs(params=0)))
-    dense_block_s = forward_backward_time(Block(attention.FullAttention, m, nnx.Rngs(params=0))) if args.blocks else None
-    rows.append((f"SwiGLU d_ff={d_ff:>6}", 6.0 * args.d_model * d_ff, dense_s, dense_block_s, None, None, None))
+    dense_cfg = model_config(sizes[0], d_ff=d_ff)
+    steps = {}  # (what, size) -> (jitted step, inputs); size = n_keys, or "dense"
+    for n in sizes:
+        layer = MemoryLayer(model_config(n), nnx.Rngs(params=0))
+        steps["layer", n] = forward_backward(layer)
+        steps["no-dV", n] = forward_backward(layer, table_gradient=False)  # the same arrays
+        if args.blocks:
+            steps["block", n] = forward_backward(Block(pkm.ProductKeyMemoryBlock, model_config(n), nnx.Rngs(params=0)))
+    steps["layer", "dense"] = forward_backward(DenseLayer(dense_cfg, nnx.Rngs(params=0)))
+    if args.blocks:
+        steps["block", "dense"] = forward_backward(Block(attention.FullAttention, dense_cfg, nnx.Rngs(params=0)))
+    times = interleaved_times(steps)
+    del steps
 
-    base, base_block = rows[0][2], rows[0][3]
+    def ms(what, size):
+        return statistics.median(times[what, size]) * 1e3
+
+    def vs_base(what, size):
+        """Median over rounds of this step's time / the smallest table's in the same round."""
+        return statistics.median(t / t0 for t, t0 in zip(times[what, size], times[what, sizes[0]]))
+
     header = f"{'layer':<24}{'fwd MFLOP/tok':>14}{'fwd+bwd ms':>12}{'vs 16K':>8}"
     header += f"{'block ms':>10}{'vs 16K':>8}" if args.blocks else ""
-    header += f"{'AdamW(V) ms':>13}{'zero dV ms':>12}{'no-dV ms':>10}{'vs 16K':>8}"
+    header += f"{'no-dV ms':>10}{'vs 16K':>8}{'AdamW(V) ms':>13}{'zero dV ms':>12}"
     print(header)
-    base_no_dv = rows[0][6]
-    for name, flops, layer_s, block_s, update_s, zero_s, no_dv_s in rows:
-        line = f"{name:<24}{flops / 1e6:>14.2f}{layer_s * 1e3:>12.1f}{layer_s / base:>8.2f}"
+    for n in [*sizes, "dense"]:
+        if n == "dense":
+            line = f"{f'SwiGLU d_ff={d_ff:>6}':<24}{6.0 * args.d_model * d_ff / 1e6:>14.2f}"
+        else:
+            line = f"{f'memory {n * n:>9,} slots':<24}{study.pkm_forward_flops(model_config(n)) / 1e6:>14.2f}"
+        line += f"{ms('layer', n):>12.1f}{vs_base('layer', n):>8.2f}"
         if args.blocks:
-            line += f"{block_s * 1e3:>10.1f}{block_s / base_block:>8.2f}"
-        line += f"{update_s * 1e3:>13.1f}{zero_s * 1e3:>12.1f}" if update_s is not None else f"{'-':>13}{'-':>12}"
-        line += f"{no_dv_s * 1e3:>10.1f}{no_dv_s / base_no_dv:>8.2f}" if no_dv_s is not None else ""
+            line += f"{ms('block', n):>10.1f}{vs_base('block', n):>8.2f}"
+        if n != "dense":
+            update_s, zero_s = table_update_time(n * n, pkm.value_dim(model_config(n)))
+            line += f"{ms('no-dV', n):>10.1f}{vs_base('no-dV', n):>8.2f}{update_s * 1e3:>13.1f}{zero_s * 1e3:>12.1f}"
         print(line)
-    largest = rows[len(sizes) - 1]
-    print(f"\n1M-slot / 16K-slot memory layer: {largest[2] / base:.2f}x (target <= 1.5x); without the dense "
-          f"table gradient: {largest[6] / base_no_dv:.2f}x; SwiGLU with the 1M layer's FLOPs: {dense_s / base:.2f}x")
+    print(f"\n1M-slot / 16K-slot memory layer: {vs_base('layer', sizes[-1]):.2f}x (target <= 1.5x); without the "
+          f"dense table gradient: {vs_base('no-dV', sizes[-1]):.2f}x; SwiGLU with the 1M layer's FLOPs: "
+          f"{vs_base('layer', 'dense'):.2f}x (medians of per-round ratios)")
 
 
 if __name__ == "__main__":
