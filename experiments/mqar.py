@@ -99,7 +99,7 @@ def main(argv=None):
                     "train_loss": trained["learning/loss"], "eval_loss": trained["eval/loss"]}
 
         name = f"L{seq_len}_kv{kv}_{mixer}_d{d}_lr{lr:g}"
-        runs.append((name, run))
+        runs.append((name, cfg, run))
         configs[name] = cfg
     results = s.run_all(runs, args.only)
     for r in results:  # from the config (cheap, abstract): not part of a run's saved result

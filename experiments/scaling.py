@@ -179,7 +179,7 @@ def main(argv=None):
             cfg = run_config(mixer, d, layers, lr, seed, p)
             meta = {"mixer": mixer, "d_model": d, "num_layers": layers, "lr": lr, "seed": seed,
                     "tokens": cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len}
-            runs.append((f"{mixer}_d{d}_l{layers}_lr{lr:g}_s{seed}",
+            runs.append((f"{mixer}_d{d}_l{layers}_lr{lr:g}_s{seed}", cfg,
                          lambda workdir, cfg=cfg, meta=meta: {**meta, **study.train(cfg, workdir)}))
     results = s.run_all(runs, args.only)
     s.write_csv(results)

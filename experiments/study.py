@@ -1,9 +1,10 @@
 """Plumbing shared by the studies (mqar.py, niah.py, babilong.py, scaling.py).
 
-A study is a list of runs, each a name and a function of its workdir that trains and scores and
-returns a dict. `Study.run_all` calls the function of every run whose `runs/<name>/result.json` does
-not exist yet and writes that file when the run is done: a rerun skips finished runs, and a run
-interrupted mid-training resumes from the checkpoints in its workdir (memjax.trainer resumes by
+A study is a list of runs, each a name, its config and a function of its workdir that trains and
+scores and returns a dict. `Study.run_all` calls the function of every run whose
+`runs/<name>/result.json` does not exist yet and writes that file when the run is done: a rerun skips
+finished runs (refusing, before anything runs, one whose config has changed since it was trained), and
+a run interrupted mid-training resumes from the checkpoints in its workdir (memjax.trainer resumes by
 itself). Outputs go to `experiments/results/<study>/` (or --out): results.csv, <study>.png and
 README.md, the summary.
 """
@@ -66,19 +67,38 @@ class Study:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
 
-    def run_all(self, runs: list[tuple[str, Callable[[str], dict]]], only: str = "") -> list[dict]:
-        """Results of the runs: finished ones read back, the others run now (each saved when done),
-        except that runs whose names lack `only` are not run (nor returned) unless finished."""
+    def changed_setting(self, run: str, cfg) -> str:
+        """Where `cfg` differs from the config that trained the finished run (the config.json the
+        trainer wrote in its workdir), as "section.key: then -> now"; "" if nowhere."""
+        path = os.path.join(self.workdir(run), "config.json")
+        if not os.path.isfile(path):
+            return f"{path} is missing"
+        with open(path, encoding="utf-8") as f:
+            return first_difference(json.load(f), json.loads(cfg.to_json()))
+
+    def run_all(self, runs: list[tuple[str, object, Callable[[str], dict]]], only: str = "") -> list[dict]:
+        """Results of the runs (name, config or None, function of the workdir): finished ones read back,
+        the others run now (each saved when done), except that runs whose names lack `only` are not run
+        (nor returned) unless finished. A finished run whose config has changed since (a preset or a
+        default edited) is an error before anything runs: its result would silently be the old one."""
         from tqdm import tqdm
 
-        runs = [(name, fn) for name, fn in runs if only in name or self.result(name) is not None]
-        names = [name for name, _ in runs]
+        runs = [(name, cfg, fn) for name, cfg, fn in runs if only in name or self.result(name) is not None]
+        names = [name for name, _, _ in runs]
         if len(set(names)) != len(names):
             raise ValueError(f"{self.name}: run names repeat: {names}")
+        stale = {name: self.changed_setting(name, cfg) for name, cfg, _ in runs
+                 if cfg is not None and self.result(name) is not None}
+        stale = {name: change for name, change in stale.items() if change}
+        if stale:
+            listed = "; ".join(f"{name} ({change})" for name, change in stale.items())
+            raise ValueError(f"{self.name}: finished runs were trained with another config: {listed}. Delete "
+                             f"their folders under {os.path.join(self.dir, 'runs')} to run them again, or pass "
+                             f"another --out")
         results = []
         todo = sum(self.result(name) is None for name in names)
         with tqdm(total=len(runs), desc=f"{self.name} ({todo} to run)", unit="run", dynamic_ncols=True) as bar:
-            for name, fn in runs:
+            for name, _, fn in runs:
                 result = self.result(name)
                 if result is None:
                     bar.set_postfix_str(name)
@@ -103,6 +123,20 @@ class Study:
         with open(self.path(filename), "w", encoding="utf-8") as f:
             f.write(f"# {title}\n\n" + "\n\n".join(p.strip() for p in paragraphs) + "\n")
         return self.path(filename)
+
+
+def first_difference(then: dict, now: dict, prefix: str = "") -> str:
+    """The first key (dotted, sorted order) whose value differs between two nested dicts, as
+    "key: then -> now"; "" if they are equal."""
+    for key in sorted(set(then) | set(now)):
+        a, b = then.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = first_difference(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b:
+            return f"{prefix}{key}: {a!r} -> {b!r}"
+    return ""
 
 
 def write_csv(path: str, rows: list[dict]) -> str:
@@ -285,7 +319,7 @@ def length_study(name: str, doc: str, presets: dict, argv=None) -> None:
             return {"task": task, "mixer": mixer, "seed": seed, "params": trained["params"],
                     "train_loss": trained["learning/loss"], "lengths": scored}
 
-        runs.append((f"{task}_{mixer}_s{seed}", run))
+        runs.append((f"{task}_{mixer}_s{seed}", cfg, run))
     results = s.run_all(runs, args.only)
     rows = [{"task": r["task"], "mixer": r["mixer"], "seed": r["seed"], "params": r["params"],
              "train_len": p["train_len"], "length": row["length"], "metric": row["metric"], "value": row["value"],

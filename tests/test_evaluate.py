@@ -178,17 +178,22 @@ def test_power_law_fit_recovers_known_parameters():
     assert boot["alpha_lo"] <= boot["alpha"] <= boot["alpha_hi"] and boot["bootstrap_samples"] > 20
 
 
-def test_study_skips_finished_runs(tmp_path):
+def test_study_skips_finished_runs_of_the_same_config(tmp_path):
     s = study.Study("demo", str(tmp_path))
     calls = []
 
-    def run(name, fail=False):
+    def run(name, fail=False, steps=10):
+        cfg = tiny_config(**{"train.steps": steps})
+
         def fn(workdir):
             calls.append(name)
+            os.makedirs(workdir, exist_ok=True)
+            with open(os.path.join(workdir, "config.json"), "w") as f:  # as the trainer does
+                f.write(cfg.to_json())
             if fail:
                 raise RuntimeError("interrupted")
             return {"value": len(name)}
-        return name, fn
+        return name, cfg, fn
 
     with pytest.raises(RuntimeError):
         s.run_all([run("a"), run("bb", fail=True)])
@@ -202,13 +207,18 @@ def test_study_skips_finished_runs(tmp_path):
     assert len(calls) == 3
     with open(s.write_csv(results), newline="") as f:
         assert [r["run"] for r in csv.DictReader(f)] == ["a", "bb"]
+    # A finished run is not reused under a changed config, and nothing runs before the error.
+    with pytest.raises(ValueError, match=r"bb \(train\.steps: 10 -> 20\).*Delete"):
+        s.run_all([run("c"), run("a"), run("bb", steps=20)])
+    assert len(calls) == 3
 
 
-def test_facts_steps_give_each_fact_its_sightings():
-    p = dict(facts.PRESETS["quick"], sightings=100, seq_len=63, batch_size=64)
+def test_facts_steps_give_each_fact_its_sightings_with_a_floor():
+    p = dict(facts.PRESETS["quick"], sightings=100, seq_len=63, batch_size=64, min_steps=50)
     # two-token subjects: 64 // 3 = 21 facts per row, 1344 per step
     fewest = Facts.fewest_subject_tokens
     assert fewest(16000) == 2 and fewest(16129) == 2 and fewest(16130) == 3 and fewest(127) == 1
     assert facts.train_steps(p, 16000) == 1191  # ceil(100 * 16000 / 1344)
     assert facts.train_steps(p, 1344) == 100
     assert facts.train_steps(dict(p, sightings=500), 1344) == 500
+    assert facts.train_steps(p, 100) == 50  # 8 steps of sightings, raised to the floor
