@@ -9,7 +9,9 @@ width, heads and k; then a dense SwiGLU FFN layer whose forward FLOPs per token 
 memory's; with --blocks also the whole pkm block (attention + memory) and an attention + SwiGLU block.
 The steps are timed in interleaved rounds (each round runs every one once, after --warmup untimed runs
 of each): a figure is the median over --runs rounds, a ratio the median of the ratios within a round,
-so a change of the machine's speed mid-run (other load) does not skew the comparison. The AdamW update of
+so a change of the machine's speed mid-run (other load) does not skew the comparison. On a CPU host
+the ratios still move by up to ~0.2x between runs with the memory system's state (several GB of tables
+alive with --blocks): compare figures from one run. The AdamW update of
 the value table alone is timed separately, as is allocating and zeroing a table-sized buffer (the dense
 gradient dV that the layer's backward must return; the rest of its backward does not grow with N).
 
