@@ -83,23 +83,23 @@ class Study:
         default edited) is an error before anything runs: its result would silently be the old one."""
         from tqdm import tqdm
 
-        runs = [(name, cfg, fn) for name, cfg, fn in runs if only in name or self.result(name) is not None]
+        finished = {name: self.result(name) for name, _, _ in runs}  # read once: each is a file
+        runs = [(name, cfg, fn) for name, cfg, fn in runs if only in name or finished[name] is not None]
         names = [name for name, _, _ in runs]
         if len(set(names)) != len(names):
             raise ValueError(f"{self.name}: run names repeat: {names}")
-        stale = {name: self.changed_setting(name, cfg) for name, cfg, _ in runs
-                 if cfg is not None and self.result(name) is not None}
-        stale = {name: change for name, change in stale.items() if change}
+        changes = {name: self.changed_setting(name, cfg) for name, cfg, _ in runs
+                   if cfg is not None and finished[name] is not None}
+        stale = "; ".join(f"{name} ({change})" for name, change in changes.items() if change)
         if stale:
-            listed = "; ".join(f"{name} ({change})" for name, change in stale.items())
-            raise ValueError(f"{self.name}: finished runs were trained with another config: {listed}. Delete "
+            raise ValueError(f"{self.name}: finished runs were trained with another config: {stale}. Delete "
                              f"their folders under {os.path.join(self.dir, 'runs')} to run them again, or pass "
                              f"another --out")
         results = []
-        todo = sum(self.result(name) is None for name in names)
+        todo = sum(finished[name] is None for name in names)
         with tqdm(total=len(runs), desc=f"{self.name} ({todo} to run)", unit="run", dynamic_ncols=True) as bar:
             for name, _, fn in runs:
-                result = self.result(name)
+                result = finished[name]
                 if result is None:
                     bar.set_postfix_str(name)
                     start = time.perf_counter()
