@@ -65,6 +65,11 @@ def config(p: dict, mixer: str, num_facts: int):
     return cfg
 
 
+def ffn_flops_per_token(mixer: str, model_cfg) -> float:
+    """Forward FLOPs per token of one layer's FFN: the memory layer's, or the dense SwiGLU's 6 d d_ff."""
+    return study.pkm_forward_flops(model_cfg) if mixer == "pkm" else 6 * model_cfg.d_model * model_cfg.d_ff
+
+
 def main(argv=None):
     from memjax import evaluate
 
@@ -83,8 +88,7 @@ def main(argv=None):
             return {**meta, "accuracy": scored[0]["value"], "n": scored[0]["n"], "steps": cfg.train.steps,
                     "params": trained["params"],
                     "non_embedding_params": trained["non_embedding_params"], "d_ff": cfg.model.d_ff,
-                    "ffn_flops_per_token": (study.pkm_forward_flops(cfg.model) if mixer == "pkm"
-                                            else 6 * cfg.model.d_model * cfg.model.d_ff),
+                    "ffn_flops_per_token": ffn_flops_per_token(meta["mixer"], cfg.model),
                     "train_loss": trained["learning/loss"], "eval_loss": trained["eval/loss"]}
 
         runs.append((f"facts{num_facts}_{mixer}", cfg, run))

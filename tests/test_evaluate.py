@@ -222,3 +222,12 @@ def test_facts_steps_give_each_fact_its_sightings_with_a_floor():
     assert facts.train_steps(p, 1344) == 100
     assert facts.train_steps(dict(p, sightings=500), 1344) == 500
     assert facts.train_steps(p, 100) == 50  # 8 steps of sightings, raised to the floor
+
+
+def test_facts_rows_report_their_own_ffn_flops():
+    """Each row's FFN FLOPs are its own model's: the dense row's SwiGLU, not the memory layer's."""
+    p = facts.PRESETS["quick"]
+    dense, pkm = facts.config(p, "dense", 1024), facts.config(p, "pkm", 1024)
+    assert facts.ffn_flops_per_token("dense", dense.model) == 6 * dense.model.d_model * dense.model.d_ff
+    assert facts.ffn_flops_per_token("pkm", pkm.model) == study.pkm_forward_flops(pkm.model)
+    assert dense.model.d_ff == study.matched_swiglu_width(pkm.model)
