@@ -37,6 +37,10 @@ def parse_args(study: str, doc: str, argv=None) -> argparse.Namespace:
                                                      "still show every finished run)")
     args = parser.parse_args(argv)
     args.out = args.out or os.path.join(RESULTS, study)
+    # Runs that differ only in their seed compile the same programs: a persistent cache compiles them
+    # once (set before jax is imported; the keys hold the program, devices and jax version).
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(RESULTS, ".jax_cache"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
     return args
 
 
@@ -237,23 +241,58 @@ def matched_swiglu_width(model_cfg) -> int:
 
 def task_config(task: str, options: str, *, seq_len: int, mixer: str, d_model: int, num_layers: int,
                 steps: int, batch_size: int, lr: float, window: int, seed: int = 0, eval_batches: int = 4,
-                vocab_size: int = 0, **mixer_settings):
-    """A run that trains `mixer` on a generated task (data.source = "task") at `seq_len`."""
+                vocab_size: int = 0, num_heads: int = 0, evals: int = 1, **mixer_settings):
+    """A run that trains `mixer` on a generated task (data.source = "task") at `seq_len`, with
+    `num_heads` heads (0: one per 32 channels) and `evals` evaluations spread over the run (each logs
+    the task's metric, eval/<metric>, so its curve shows when the task is learnt)."""
     from memjax.config import base_config
 
     cfg = base_config()
     cfg.seed = seed
     m = cfg.model
-    m.d_model, m.num_layers, m.num_heads = d_model, num_layers, max(1, d_model // 32)
+    m.d_model, m.num_layers, m.num_heads = d_model, num_layers, num_heads or max(1, d_model // 32)
+    # Weights start at std 1/sqrt(d_model) (0.125 at width 64), not base_config's 0.02 (GPT-2's, for
+    # width 768). A memory's projections are followed by L2 or RMS norms, so only their direction counts,
+    # and Adam moves each weight by about lr per step whatever its size: from 0.02 a step of 3e-3 turns
+    # them by ~15%, and the delta-rule MAL learnt MQAR to 0.18 in 1500 steps; from 0.1 it passed 0.96
+    # by step 500 (experiments/README.md, "what makes recall slow").
+    m.init_std = d_model**-0.5
     m.vocab_size = vocab_size  # 0: the byte tokenizer's (covers task ids below 256)
     set_mixer(cfg, mixer, window=window, **mixer_settings)
     cfg.data.source, cfg.data.task, cfg.data.task_options = "task", task, options
     t = cfg.train
     t.seq_len, t.batch_size, t.steps = seq_len, batch_size, steps
-    t.eval_every, t.eval_batches, t.log_every = steps, eval_batches, max(steps // 50, 1)
+    t.eval_every, t.eval_batches, t.log_every = max(steps // max(evals, 1), 1), eval_batches, max(steps // 50, 1)
     t.checkpoint_every, t.keep_checkpoints = max(steps // 3, 1), 1
     cfg.optim.lr, cfg.optim.warmup_steps = lr, min(100, steps // 10)
     return cfg
+
+
+def curve(workdir: str, metric: str) -> list[list[float]]:
+    """[step, value] of every logged `metric` of a run (e.g. "eval/mqar_accuracy"), in step order."""
+    from memjax.metrics import read_jsonl
+
+    points = {r["step"]: r[metric] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if metric in r}
+    return [[step, float(points[step])] for step in sorted(points)]
+
+
+def best_over_lrs(rows: list[dict], keys: tuple[str, ...], metric: str) -> list[dict]:
+    """Zoology's protocol: per group of `keys` (say mixer and width) the learning rate whose mean
+    `metric` over seeds is highest, with that mean, its spread over seeds (min, max, standard
+    deviation) and the runs behind it."""
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in keys), {}).setdefault(row["lr"], []).append(row)
+    best = []
+    for key, by_lr in groups.items():
+        mean = {lr: sum(r[metric] for r in runs) / len(runs) for lr, runs in by_lr.items()}
+        lr = max(mean, key=mean.get)
+        values = [r[metric] for r in by_lr[lr]]
+        std = (sum((v - mean[lr]) ** 2 for v in values) / len(values)) ** 0.5
+        best.append({**dict(zip(keys, key)), "lr": lr, metric: mean[lr], f"{metric}_min": min(values),
+                     f"{metric}_max": max(values), f"{metric}_std": std, "seeds": len(values),
+                     "lrs_tried": len(by_lr), "runs": sorted(by_lr[lr], key=lambda r: r.get("seed", 0))})
+    return best
 
 
 def markdown_table(rows: list[dict], columns: list[str], formats: dict | None = None) -> str:

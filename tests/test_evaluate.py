@@ -1,6 +1,7 @@
 """Training on generated tasks (data.source = "task"), memjax.evaluate, and the experiments' plumbing."""
 
 import csv
+import json
 import os
 import sys
 
@@ -231,3 +232,21 @@ def test_facts_rows_report_their_own_ffn_flops():
     assert facts.ffn_flops_per_token("dense", dense.model) == 6 * dense.model.d_model * dense.model.d_ff
     assert facts.ffn_flops_per_token("pkm", pkm.model) == study.pkm_forward_flops(pkm.model)
     assert dense.model.d_ff == study.matched_swiglu_width(pkm.model)
+
+
+def test_best_over_lrs_takes_the_best_mean_over_seeds_and_reports_the_spread(tmp_path):
+    rows = [{"mixer": m, "lr": lr, "seed": seed, "accuracy": acc} for m, lr, seed, acc in (
+        ("attention", 1e-3, 0, 0.2), ("attention", 1e-3, 1, 1.0),  # mean 0.6, best single run
+        ("attention", 3e-3, 0, 0.7), ("attention", 3e-3, 1, 0.9),  # mean 0.8: the best learning rate
+        ("swa", 1e-3, 0, 0.05))]
+    best = {r["mixer"]: r for r in study.best_over_lrs(rows, ("mixer",), "accuracy")}
+    assert best["attention"]["lr"] == 3e-3 and best["attention"]["accuracy"] == pytest.approx(0.8)
+    assert (best["attention"]["accuracy_min"], best["attention"]["accuracy_max"]) == (0.7, 0.9)
+    assert best["attention"]["accuracy_std"] == pytest.approx(0.1)
+    assert [r["seed"] for r in best["attention"]["runs"]] == [0, 1] and best["attention"]["lrs_tried"] == 2
+    assert best["swa"]["seeds"] == 1 and best["swa"]["accuracy_std"] == 0
+    with open(tmp_path / "metrics.jsonl", "w") as f:  # a resumed run may log a step again: the last counts
+        for step, acc in ((20, 0.5), (10, 0.1), (20, 0.6)):
+            f.write(json.dumps({"step": step, "eval/mqar_accuracy": acc}) + "\n")
+        f.write(json.dumps({"step": 30, "learning/loss": 1.0}) + "\n")
+    assert study.curve(str(tmp_path), "eval/mqar_accuracy") == [[10, 0.1], [20, 0.6]]
