@@ -121,7 +121,11 @@ class _OrbaxFailures(logging.Filter):
         self.first: str | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname:
+        # asyncio reports the abandoned write tasks of a failed async save ("Task exception was never
+        # retrieved"); their repr names orbax's coroutine.
+        from_orbax = f"{os.sep}orbax{os.sep}" in record.pathname or (
+            record.name == "asyncio" and "orbax" in record.getMessage())
+        if record.levelno >= logging.ERROR and from_orbax:
             if self.first is None:
                 self.first = record.getMessage().splitlines()[0][:300]
             return False
@@ -146,9 +150,10 @@ def _quiet_unraisable(previous):
 
 
 def _install_quiet_orbax() -> None:
-    absl_logger = logging.getLogger("absl")
-    if _orbax_failures not in absl_logger.filters:
-        absl_logger.addFilter(_orbax_failures)
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if _orbax_failures not in logger.filters:
+            logger.addFilter(_orbax_failures)
     if not getattr(sys.unraisablehook, "memjax", False):
         sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
 
