@@ -68,6 +68,7 @@ def _sha256(path: epath.Path) -> str:
 
 def write_integrity(step_dir: epath.Path) -> None:
     """Records the size and sha256 of every file of a finished step, written atomically."""
+    step_dir = epath.Path(step_dir)
     files = {rel: {"size": p.stat().length, "sha256": _sha256(p)} for rel, p in sorted(_step_files(step_dir).items())}
     tmp = step_dir / f"{INTEGRITY_FILE}.tmp"
     tmp.write_text(json.dumps({"version": 1, "files": files}, indent=1))
@@ -76,6 +77,7 @@ def write_integrity(step_dir: epath.Path) -> None:
 
 def verify_integrity(step_dir: epath.Path) -> str | None:
     """Why a step's files differ from its integrity record ("" when they match, None without a record)."""
+    step_dir = epath.Path(step_dir)
     record = step_dir / INTEGRITY_FILE
     if not record.exists():
         return None
