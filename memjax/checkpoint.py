@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import sys
+import threading
 
 import grain
 import jax
@@ -186,7 +187,10 @@ class Checkpointer:
         )
         self.directory = directory
         self.async_save = async_save
+        self.keep = keep
         self._unrecorded: list[int] = []  # saved steps whose integrity record is not written yet
+        self._recorder: threading.Thread | None = None
+        self._recorder_error: tuple[int, OSError] | None = None
         self._failed = False
         if not read_only:
             _install_quiet_orbax()
@@ -215,25 +219,47 @@ class Checkpointer:
         if not self.async_save:  # complete now: record it while the files are fresh in the page cache
             self._finish_saves()
 
-    def _finish_saves(self) -> None:
-        """Waits for the save in flight, then writes the integrity record of every step now complete."""
+    def _finish_saves(self, record_now: bool = False) -> None:
+        """Waits for the save in flight, then records the integrity of every step now complete: in a
+        thread, since hashing reads the checkpoint back (seconds for GBs) and training can go on
+        meanwhile; the next save, `wait` and `close` join it (`record_now`), so a step's record is
+        never half-written when the next one starts, and GC never deletes a step being hashed."""
         if self._failed:
             return
         try:
             self.manager.wait_until_finished()
         except Exception as err:  # noqa: BLE001
             raise self._save_failed(self._unrecorded[-1] if self._unrecorded else None, err) from None
+        self._join_recorder()
         steps, self._unrecorded = self._unrecorded, []
-        if jax.process_index() != 0:
+        if jax.process_index() != 0 or not steps:
             return
+        self._recorder = threading.Thread(target=self._record, args=(steps,), name="memjax_integrity", daemon=True)
+        self._recorder.start()
+        # Keeping one checkpoint, the save about to start deletes this step once it completes: hash first.
+        if record_now or self.keep == 1:
+            self._join_recorder()
+
+    def _record(self, steps: list[int]) -> None:
         for step in steps:
             step_dir = epath.Path(self.directory) / str(step)
-            if not step_dir.is_dir():  # orbax skipped its finalisation after an error: reported above
+            if not step_dir.is_dir():  # orbax skipped its finalisation after an error: reported already
                 continue
             try:
                 write_integrity(step_dir)
+            except FileNotFoundError:  # deleted meanwhile (keep_checkpoints): nothing left to record
+                continue
             except OSError as err:
-                raise self._save_failed(step, err) from None
+                self._recorder_error = (step, err)
+                return
+
+    def _join_recorder(self) -> None:
+        if self._recorder is not None:
+            self._recorder.join()
+            self._recorder = None
+        if self._recorder_error is not None:
+            (step, err), self._recorder_error = self._recorder_error, None
+            raise self._save_failed(step, err)
 
     def _save_failed(self, step: int | None, err: BaseException) -> CheckpointError:
         self._failed = True
@@ -317,12 +343,12 @@ class Checkpointer:
         return restored["params"]
 
     def wait(self) -> None:
-        self._finish_saves()
+        self._finish_saves(record_now=True)
 
     def close(self) -> None:
         try:
             if not self._failed:
-                self._finish_saves()
+                self._finish_saves(record_now=True)
         finally:
             try:
                 self.manager.close()
