@@ -208,8 +208,10 @@ def check_override(path: str) -> None:
         node = node[key]
 
 
-def _check_command_line(argv: list[str], flag_name: str) -> None:
+def _check_command_line(argv: list[str], flag_name: str) -> list[str]:
+    """Raises ConfigError for a missing config file or an unknown override key; the override paths."""
     override = re.compile(rf"^--?(?:no)?{flag_name}\.([^=]+)")
+    paths = []
     for i, arg in enumerate(argv):
         given = re.match(rf"^--?{flag_name}(=|$)", arg)
         if given:
@@ -221,6 +223,8 @@ def _check_command_line(argv: list[str], flag_name: str) -> None:
         match = override.match(arg)
         if match:
             check_override(match.group(1))
+            paths.append(match.group(1))
+    return paths
 
 
 def parse_command_line(argv: list[str], flag_name: str = "config") -> list[str]:
@@ -230,10 +234,20 @@ def parse_command_line(argv: list[str], flag_name: str = "config") -> list[str]:
     from absl import app
 
     try:
-        _check_command_line(argv, flag_name)
+        overrides = _check_command_line(argv, flag_name)
     except ConfigError as err:
         sys.exit(f"error: {err}")
-    return app.parse_flags_with_usage(argv)
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (KeyError, AttributeError) as err:
+        # The schema allows the key but the config file does not define it: a free name such as a
+        # parameter group (`--config.optim.groups.<name>.lr_mult`), which a command line cannot add.
+        missing = re.search(r"'([^'\\]+)", str(err))
+        path = next((p for p in overrides if missing and missing.group(1) in p.split(".")), None)
+        if path is None:
+            raise
+        sys.exit(f"error: config.{path}: the config file defines no {missing.group(1)!r} to override; "
+                 "add it in the config file")
 
 
 def _require(ok: bool, field: str, message: str) -> None:

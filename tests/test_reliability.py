@@ -265,6 +265,7 @@ def test_warmup_longer_than_the_run_is_clamped_with_one_warning(tmp_path):
     [
         (["--config.train.stepz=5"], "error: config.train.stepz: unknown key (did you mean 'steps'?)"),
         (["--config.no_such_knob=3"], "error: config.no_such_knob: unknown key"),
+        (["--config.optim.groups.nope.lr_mult=2"], "error: config.optim.groups.nope.lr_mult: the config file defines no 'nope'"),
         (["--config.model.num_layers=1", "--config.model.block_pattern=attention,atention"],
          "error: config.model.block_pattern: unknown block 'atention' (did you mean 'attention'?)"),
         ("missing config", "error: --config: no such file: configs/no_such_config.py"),
