@@ -471,5 +471,7 @@ def main(argv, flag_values) -> None:
 if __name__ == "__main__":
     from absl import app
 
+    from memjax.config import parse_command_line
+
     _FLAG_VALUES = _flags()
-    app.run(lambda argv: main(argv, _FLAG_VALUES))
+    app.run(lambda argv: main(argv, _FLAG_VALUES), flags_parser=parse_command_line)

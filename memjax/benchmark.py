@@ -17,7 +17,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from memjax import flops, parallel, trainer
+from memjax import config, flops, parallel, trainer
 from memjax.data import ByteTokenizer
 from memjax.models import lm
 
@@ -87,4 +87,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config.parse_command_line)

@@ -8,7 +8,9 @@ built or compiled and raises one `ConfigError` naming the offending field.
 from __future__ import annotations
 
 import difflib
+import os
 import re
+import sys
 from typing import Any
 
 import ml_collections
@@ -75,9 +77,12 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.train.eval_every = 200
     cfg.train.eval_batches = 8
     cfg.train.checkpoint_every = 200
-    cfg.train.keep_checkpoints = 3
+    cfg.train.keep_checkpoints = 3  # the newest this many are kept; 0 keeps every checkpoint
     cfg.train.async_checkpoint = True
     cfg.train.init_from = ""  # workdir of another run: start from its latest parameters
+    # A workdir whose every checkpoint was proven corrupt (and moved to <step>.corrupt) refuses to start
+    # over from step 0 unless this is set: a silent restart would look like a resume.
+    cfg.train.restart = False
     # Where checkpoints go (default <workdir>/checkpoints); may be a gs:// bucket shared by all hosts.
     cfg.train.checkpoint_dir = ""
     cfg.train.progress_bar = True
@@ -98,7 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.optim = ml_collections.ConfigDict()
     cfg.optim.lr = 3e-3
     cfg.optim.schedule = "cosine"
-    cfg.optim.warmup_steps = 100
+    cfg.optim.warmup_steps = 100  # clamped to train.steps (with a warning) for shorter runs
     cfg.optim.min_lr_ratio = 0.1
     cfg.optim.b1 = 0.9
     cfg.optim.b2 = 0.95
@@ -155,13 +160,17 @@ def _type_ok(expected: Any, value: Any) -> bool:
     return isinstance(value, type(expected))
 
 
+def _unknown_key(field: str, key: str, known) -> ConfigError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"config.{field}: unknown key{hint}")
+
+
 def _check_keys(schema: Any, cfg: Any, path: str) -> None:
     for key in cfg.keys():
         field = f"{path}.{key}" if path else key
         if key not in schema:
-            close = difflib.get_close_matches(key, list(schema.keys()), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"config.{field}: unknown key{hint}")
+            raise _unknown_key(field, key, schema.keys())
         expected, value = schema[key], cfg[key]
         if field in _FREE_KEY_SCHEMAS:
             if not isinstance(value, (dict, ml_collections.ConfigDict)):
@@ -179,6 +188,66 @@ def _check_keys(schema: Any, cfg: Any, path: str) -> None:
             raise ConfigError(
                 f"config.{field}: expected {type(expected).__name__}, got {type(value).__name__} {value!r}"
             )
+
+
+def check_override(path: str) -> None:
+    """Raises ConfigError naming a `--config.<path>` override that the schema lacks, with the
+    did-you-mean of `validate` (ml_collections would otherwise raise a KeyError deep in flag parsing)."""
+    node, field, parts = base_config(), "", path.split(".")
+    for i, key in enumerate(parts):
+        field = f"{field}.{key}" if field else key
+        if field in _FREE_KEY_SCHEMAS:
+            # The next part is a free name (a group the config file defines), then its sub-schema.
+            schema = _FREE_KEY_SCHEMAS[field]
+            if len(parts) > i + 2 and parts[i + 2] not in schema:
+                raise _unknown_key(".".join(parts[: i + 3]), parts[i + 2], schema)
+            return
+        known = node.keys() if isinstance(node, ml_collections.ConfigDict) else ()
+        if key not in known:
+            raise _unknown_key(field, key, known)
+        node = node[key]
+
+
+def _check_command_line(argv: list[str], flag_name: str) -> list[str]:
+    """Raises ConfigError for a missing config file or an unknown override key; the override paths."""
+    override = re.compile(rf"^--?(?:no)?{flag_name}\.([^=]+)")
+    paths = []
+    for i, arg in enumerate(argv):
+        given = re.match(rf"^--?{flag_name}(=|$)", arg)
+        if given:
+            path = arg.split("=", 1)[1] if given.group(1) else (argv[i + 1] if i + 1 < len(argv) else "")
+            path = path.split(":", 1)[0]  # "file.py:arg" passes arg to get_config
+            if path and not os.path.isfile(path):
+                what = "is a directory, not a config file" if os.path.isdir(path) else "no such file"
+                raise ConfigError(f"--{flag_name}: {what}: {path}")
+        match = override.match(arg)
+        if match:
+            check_override(match.group(1))
+            paths.append(match.group(1))
+    return paths
+
+
+def parse_command_line(argv: list[str], flag_name: str = "config") -> list[str]:
+    """The flags parser of the command lines that take `--config` (app.run(main, flags_parser=this)):
+    a missing config file or an unknown `--config.*` key stops with one line naming it; the rest is
+    absl's own parsing."""
+    from absl import app
+
+    try:
+        overrides = _check_command_line(argv, flag_name)
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (KeyError, AttributeError) as err:
+        # The schema allows the key but the config file does not define it: a free name such as a
+        # parameter group (`--config.optim.groups.<name>.lr_mult`), which a command line cannot add.
+        missing = re.search(r"'([^'\\]+)", str(err))
+        path = next((p for p in overrides if missing and missing.group(1) in p.split(".")), None)
+        if path is None:
+            raise
+        sys.exit(f"error: config.{path}: the config file defines no {missing.group(1)!r} to override; "
+                 "add it in the config file")
 
 
 def _require(ok: bool, field: str, message: str) -> None:
@@ -215,11 +284,14 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None, num
     _one_of(m.dtype, COMPUTE_DTYPES, "model.dtype")
     names = block_names(m)
     _require(bool(names), "model.block_pattern", "is empty")
-    for name in names:
+    # Every name of the pattern, also those that num_layers never reaches: a typo there is still a typo.
+    for name in [n.strip() for n in m.block_pattern.split(",") if n.strip()]:
+        close = difflib.get_close_matches(name, list(registry.BLOCKS), n=1)
         _require(
             name in registry.BLOCKS,
             "model.block_pattern",
-            f"unknown block {name!r}; registered: {sorted(registry.BLOCKS)}",
+            f"unknown block {name!r}" + (f" (did you mean '{close[0]}'?)" if close else "")
+            + f"; registered: {sorted(registry.BLOCKS)}",
         )
     for name in sorted(set(names)):
         registry.BLOCKS[name].validate(cfg, _require)
@@ -273,11 +345,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None, num
 
     _require(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
     _one_of(o.schedule, SCHEDULES, "optim.schedule")
-    _require(
-        0 <= o.warmup_steps <= t.steps,
-        "optim.warmup_steps",
-        f"{o.warmup_steps} must lie in [0, train.steps={t.steps}]",
-    )
+    # Longer than the run is fine: optim.schedule clamps it to train.steps (a short trial of a big config).
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
     _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must lie in [0, 1]")
     _require(0.0 <= o.b1 < 1.0 and 0.0 <= o.b2 < 1.0, "optim.b1", "Adam betas must lie in [0, 1)")
     _require(o.weight_decay >= 0 and o.clip_norm >= 0, "optim.weight_decay", "weight decay and clip_norm must be >= 0")

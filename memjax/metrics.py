@@ -32,6 +32,30 @@ class MetricsWriter:
             self.jsonl.close()
 
 
+def keep_steps_up_to(workdir: str, step: int) -> None:
+    """Drops the records of steps after `step` from metrics.jsonl (rewritten atomically), so a resume
+    from the checkpoint at `step` logs each step once: the dropped ones were trained after the last
+    checkpoint by a run that died, and are trained again. A line torn by a kill is dropped too."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    kept, dropped = [], False
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                keep = json.loads(line)["step"] <= step
+            except (ValueError, KeyError, TypeError):
+                keep = False
+            if keep:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            dropped |= not keep
+    if dropped:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+
+
 def read_jsonl(path: str) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]

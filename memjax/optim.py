@@ -7,12 +7,30 @@ decay. Weight decay only ever applies to matrices (ndim >= 2): norms' scales and
 
 from __future__ import annotations
 
+import logging
 import re
 
 import jax
 import optax
 
 DEFAULT_GROUP = "default"
+log = logging.getLogger("memjax")
+# (warmup_steps, total_steps) pairs already warned about: a run builds its schedule more than once
+# (the optimizer, the logged lr, AOT), and one line per run is enough.
+_warned_clamps: set[tuple[int, int]] = set()
+
+
+def warmup_steps(optim_cfg, total_steps: int) -> int:
+    """optim.warmup_steps, clamped to the run's length: a short trial of a config made for a long run
+    (e.g. `--config.train.steps=50` on a quickstart) warms up over the whole run instead of failing."""
+    warmup = optim_cfg.warmup_steps
+    if warmup <= total_steps:
+        return warmup
+    if (warmup, total_steps) not in _warned_clamps:
+        _warned_clamps.add((warmup, total_steps))
+        log.warning("optim.warmup_steps=%d exceeds train.steps=%d: warming up over all %d steps",
+                    warmup, total_steps, total_steps)
+    return total_steps
 
 
 def path_str(path) -> str:
@@ -20,7 +38,7 @@ def path_str(path) -> str:
 
 
 def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
-    peak, warmup = optim_cfg.lr, optim_cfg.warmup_steps
+    peak, warmup = optim_cfg.lr, warmup_steps(optim_cfg, total_steps)
     floor = peak * optim_cfg.min_lr_ratio
     decay_steps = max(total_steps - warmup, 1)
     if optim_cfg.schedule == "cosine":

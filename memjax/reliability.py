@@ -128,12 +128,29 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return f"{tokenizer.name}/{tokenizer.vocab_size}/{digest}"
 
 
-def _saved_run(workdir: str) -> dict | None:
+def check_workdir(workdir: str) -> None:
+    """Before anything is built: the workdir is (or can become) a writable directory."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir {workdir} is a file, not a directory; use another --workdir")
+    existing = workdir
+    while not os.path.exists(existing):  # the nearest existing ancestor is where it will be created
+        parent = os.path.dirname(os.path.abspath(existing))
+        if parent == os.path.abspath(existing):
+            break
+        existing = parent
+    if not os.path.isdir(existing):
+        raise ConfigError(f"--workdir {workdir}: {existing} is a file, not a directory; use another --workdir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is" if existing == workdir else f"would be created in {existing}, which is"
+        raise ConfigError(f"--workdir {workdir} {what} not writable; use another --workdir or fix its permissions")
+
+
+def _saved_run(workdir: str, checkpoint_dir: str = "") -> dict | None:
     """The model and tokenizer of the run whose checkpoints are in workdir (None without checkpoints)."""
+    from memjax import checkpoint  # lazily: orbax is heavy and the lock and guard do not need it
+
     path = os.path.join(workdir, "run.json")
-    checkpoints = os.path.join(workdir, "checkpoints")
-    has_steps = os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints))
-    if not (has_steps and os.path.exists(path)):
+    if not (os.path.exists(path) and checkpoint.has_steps(checkpoint.directory(workdir, checkpoint_dir))):
         return None
     with open(path, encoding="utf-8") as f:
         return json.load(f)
@@ -143,9 +160,80 @@ def _model_and_tokenizer_settings(cfg) -> dict:
     return {"model": cfg.model.to_dict(), "tokenizer_kind": cfg.data.tokenizer}
 
 
+def saved_config(workdir: str, cfg) -> dict | None:
+    """The config (as a dict) that wrote the checkpoints a launch of `cfg` in workdir would resume, or
+    None when there is nothing to resume. Keys the saved config lacks (an older memjax) take this
+    config's values, so only real changes show up in `config_changes`."""
+    from memjax import checkpoint
+
+    path = os.path.join(workdir, "config.json")
+    if not (os.path.exists(path) and checkpoint.has_steps(checkpoint.directory(workdir, cfg.train.checkpoint_dir))):
+        return None
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+
+    def merge(now: dict, old: dict) -> dict:  # every saved key (a dropped parameter group counts too)
+        merged = dict(old)
+        for key, value in now.items():
+            if key not in old:
+                merged[key] = value
+            elif isinstance(value, dict) and isinstance(old[key], dict):
+                merged[key] = merge(value, old[key])
+        return merged
+
+    return merge(json.loads(cfg.to_json()), saved)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+# Settings that never change the saved train state's structure: a resume may change them freely and
+# the structural comparison (trainer.check_resume_structure) is skipped when only these differ.
+# Anything else is allowed too as long as the optimizer state, carry and parameters keep their shapes.
+FREE_ON_RESUME = (
+    "train.steps", "train.stop_at_step", "train.log_every", "train.eval_every", "train.eval_batches",
+    "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoint", "train.init_from",
+    "train.progress_bar", "train.nonfinite", "train.max_skipped_steps", "train.inject_nan_at_step",
+    "train.restart", "optim.lr", "optim.schedule", "optim.warmup_steps", "optim.min_lr_ratio", "mesh.",
+    "data.prefetch",
+)
+
+
+def is_free_on_resume(key: str) -> bool:
+    return any(key == free or (free.endswith(".") and key.startswith(free)) for free in FREE_ON_RESUME)
+
+
+def config_changes(saved: dict, cfg) -> list[tuple[str, object, object]]:
+    """(dotted key, saved value, new value) of every setting that differs, in key order."""
+    old, new = _flat(saved), _flat(json.loads(cfg.to_json()))
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def resume_refusal(workdir: str, changes: list[tuple[str, object, object]], init_from: bool = True) -> str:
+    """One line: the settings that make the checkpoints in workdir unresumable, and the ways forward."""
+    names = ", ".join(f"config.{key}" for key, _, _ in changes)
+    if len(changes) == 1:
+        (_, old, new), = changes
+        values = f"have {old!r}, this config {new!r}"
+    else:
+        values = (f"have {', '.join(f'{k}={o!r}' for k, o, _ in changes)}; this config "
+                  f"{', '.join(f'{k}={n!r}' for k, _, n in changes)}")
+    way = (f"or start a new --workdir with train.init_from={workdir} (its parameters, fresh optimizer state)"
+           if init_from else "or use a new --workdir")
+    return (f"{names}: the checkpoints in {workdir} {values}; a resume cannot change the saved train state's "
+            f"structure, so nothing was changed: revert {'it' if len(changes) == 1 else 'them'} to resume, {way}")
+
+
 def check_resume_config(workdir: str, cfg) -> None:
     """Before anything is built: refuses to resume a run whose model config or tokenizer kind differs."""
-    saved = _saved_run(workdir)
+    saved = _saved_run(workdir, cfg.train.checkpoint_dir)
     if saved is None:
         return
     if saved["tokenizer_kind"] != cfg.data.tokenizer:
@@ -153,18 +241,15 @@ def check_resume_config(workdir: str, cfg) -> None:
             f"config.data.tokenizer: the checkpoints in {workdir} were trained with {saved['tokenizer_kind']!r}, "
             f"this config has {cfg.data.tokenizer!r}; use a new --workdir"
         )
-    now = cfg.model.to_dict()
-    for key in sorted(set(saved["model"]) | set(now)):
-        if saved["model"].get(key) != now.get(key):
-            raise ConfigError(
-                f"config.model.{key}: the checkpoints in {workdir} have {saved['model'].get(key)!r}, this config "
-                f"{now.get(key)!r}; a resume must keep the model config (use a new --workdir, or train.init_from)"
-            )
+    old, now = _flat(saved["model"], "model."), _flat(cfg.model.to_dict(), "model.")
+    changed = [(k, old.get(k), now.get(k)) for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
+    if changed:
+        raise ConfigError(resume_refusal(workdir, changed, init_from=False))
 
 
-def check_resume_tokenizer(workdir: str, vocab_size: int, tokenizer) -> None:
+def check_resume_tokenizer(workdir: str, vocab_size: int, tokenizer, checkpoint_dir: str = "") -> None:
     """After the tokenizer is loaded: the same vocabulary as the checkpointed run."""
-    saved = _saved_run(workdir)
+    saved = _saved_run(workdir, checkpoint_dir)
     fingerprint = tokenizer_fingerprint(tokenizer)
     if saved is not None and (saved["tokenizer"] != fingerprint or saved["vocab_size"] != vocab_size):
         raise ConfigError(

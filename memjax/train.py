@@ -7,7 +7,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from memjax import config, parallel, reliability, trainer
+from memjax import checkpoint, config, parallel, reliability, trainer
 from memjax.data import DataError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
@@ -25,9 +25,11 @@ def main(argv):
         config.validate(cfg)  # a bad value is named before a multi-host start waits for its peers
         parallel.initialize_distributed(cfg.mesh.distributed)  # before anything touches a device
         trainer.train(cfg, _WORKDIR.value)
-    except (config.ConfigError, DataError, reliability.NonFiniteError) as err:
+    except (config.ConfigError, DataError, reliability.NonFiniteError, checkpoint.CheckpointError) as err:
+        sys.exit(f"error: {err}")
+    except OSError as err:  # the workdir's disk or permissions (e.g. metrics.jsonl on a full disk)
         sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config.parse_command_line)

@@ -56,7 +56,7 @@ def setup(cfg, workdir: str | None, tokenizer=None, devices=None) -> Run:
     tokenizer = tokenizer or get_tokenizer(cfg.data, workdir)
     vocab_size = config.resolve_vocab_size(cfg.model, tokenizer.vocab_size)
     if workdir:
-        reliability.check_resume_tokenizer(workdir, vocab_size, tokenizer)
+        reliability.check_resume_tokenizer(workdir, vocab_size, tokenizer, cfg.train.checkpoint_dir)
     if cfg.data.source == "task":  # a task's token ids (e.g. MQAR's) must fit the embedding
         task_vocab = getattr(task_batches.config_task(cfg, "train", tokenizer), "vocab_size", 0)
         if task_vocab > vocab_size:
@@ -71,9 +71,41 @@ def setup(cfg, workdir: str | None, tokenizer=None, devices=None) -> Run:
     for message in replicated:
         log.warning("replicated, not sharded: %s", message)
     abstract = jax.eval_shape(lambda: init_state(run))  # traced once per run: it builds the whole model
+    if workdir:
+        check_resume_structure(run, workdir, abstract)
     run.shardings = parallel.named(mesh, parallel.state_specs(abstract, params_spec, mesh))
     run.abstract = parallel.with_shardings(abstract, run.shardings)
     return run
+
+
+def check_resume_structure(run: Run, workdir: str, abstract: dict) -> None:
+    """Before any restore: refuses a resume whose config gives the train state another structure than
+    the one its checkpoints hold (e.g. optim.clip_norm switched off drops the clipping state, a new
+    parameter group adds one), naming the settings that changed. Settings that keep the structure
+    (steps, cadences, learning rate, schedule, ...) may change freely."""
+    saved = reliability.saved_config(workdir, run.cfg)
+    if saved is None:
+        return
+    changes = reliability.config_changes(saved, run.cfg)
+    if all(reliability.is_free_on_resume(key) for key, _, _ in changes):
+        return
+    import ml_collections
+
+    try:  # the saved config's train state, around the same parameters (the model config is checked equal)
+        old_cfg = ml_collections.ConfigDict(saved)
+        old_tx = optim.make(old_cfg.optim, abstract["params"], old_cfg.train.steps)
+        old_run = Run(old_cfg, run.tokenizer, run.vocab_size, run.graphdef, old_tx,
+                      optim.schedule(old_cfg.optim, old_cfg.train.steps), run.mesh, {}, {})
+        old = jax.eval_shape(lambda p: init_state(old_run, p), abstract["params"])
+    except Exception as err:  # noqa: BLE001 - a config of an older memjax may not build; the restore decides
+        log.debug("cannot rebuild the saved config's train state (%s); the restore will tell", err)
+        return
+    leaves = lambda tree: [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(tree)]  # noqa: E731
+    if (jax.tree_util.tree_structure(old) == jax.tree_util.tree_structure(abstract)
+            and leaves(old) == leaves(abstract)):
+        return
+    named = [c for c in changes if not reliability.is_free_on_resume(c[0])] or changes
+    raise config.ConfigError(reliability.resume_refusal(workdir, named))
 
 
 def initial_state(run: Run, params=None) -> dict:
@@ -234,16 +266,21 @@ def _eval_batches(run: Run, shard_index: int, shard_count: int) -> list[dict]:
 
 def train(cfg, workdir: str) -> dict[str, float]:
     """Trains (resuming from `workdir` if it holds checkpoints); returns the last logged metrics."""
-    run = setup(cfg, workdir)
-    t = cfg.train
-    shard_index, shard_count = jax.process_index(), jax.process_count()
-    # Data problems surface here, before the workdir is touched.
-    train_iter = make_iterator(run, "train", shard_index, shard_count)
-    eval_batches = _eval_batches(run, shard_index, shard_count)
-    os.makedirs(workdir, exist_ok=True)
-    # One lock per run: hosts of a multi-host run may share the workdir (e.g. NFS under SLURM).
-    lock = reliability.WorkdirLock(workdir) if jax.process_index() == 0 else None
+    reliability.check_workdir(workdir)
+    # One lock per run: hosts of a multi-host run may share the workdir (e.g. NFS under SLURM). An
+    # existing workdir is locked before the slow setup (tokenizer, data, tracing), so a second run on it
+    # is told at once; a new one only once the data checks pass, so a bad config leaves nothing behind.
+    primary = jax.process_index() == 0
+    lock = reliability.WorkdirLock(workdir) if primary and os.path.isdir(workdir) else None
     try:
+        run = setup(cfg, workdir)
+        shard_index, shard_count = jax.process_index(), jax.process_count()
+        # Data problems surface here, before the workdir is touched.
+        train_iter = make_iterator(run, "train", shard_index, shard_count)
+        eval_batches = _eval_batches(run, shard_index, shard_count)
+        if primary and lock is None:
+            lock = reliability.WorkdirLock(workdir)
+        os.makedirs(workdir, exist_ok=True)
         with jax.set_mesh(run.mesh):  # the sharded bag and activation constraints read it at trace time
             return _train_locked(run, workdir, train_iter, eval_batches)
     finally:
@@ -253,15 +290,21 @@ def train(cfg, workdir: str) -> dict[str, float]:
 
 def _train_locked(run: Run, workdir: str, train_iter, eval_batches) -> dict[str, float]:
     cfg, t = run.cfg, run.cfg.train
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(cfg.to_json(indent=2))
-        reliability.write_run_info(workdir, cfg, run.vocab_size, run.tokenizer)
-
     ckpt = checkpoint.Checkpointer(checkpoint.directory(workdir, t.checkpoint_dir), keep=t.keep_checkpoints,
                                    async_save=t.async_checkpoint)
     abstract = abstract_state(run)
-    restored = ckpt.restore_latest(abstract, train_iter)
+    try:
+        restored = ckpt.restore_latest(abstract, train_iter, restart=t.restart)
+    except BaseException:
+        ckpt.close()
+        raise
+    # Only now, with the run's state settled, does this config become the run's config: a launch that
+    # is refused above leaves the saved one (what the next launch is compared against) untouched.
+    if jax.process_index() == 0:
+        _write_atomically(os.path.join(workdir, "config.json"), cfg.to_json(indent=2))
+        reliability.write_run_info(workdir, cfg, run.vocab_size, run.tokenizer)
+        # Records past the resumed step describe steps about to be trained again.
+        metrics.keep_steps_up_to(workdir, restored[1] if restored is not None else 0)
     if restored is not None:
         state, latest = restored
         log.info("resumed from %s at step %d", ckpt.directory, latest)
@@ -345,6 +388,13 @@ def _train_locked(run: Run, workdir: str, train_iter, eval_batches) -> dict[str,
     if step < t.steps and not stop_request:
         log.info("stopped at step %d of %d (train.stop_at_step); the next launch resumes", step, t.steps)
     return last
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _log_interval(writer, step, stats, elapsed, tokens_per_step, flops_per_token, peak, state) -> dict:

@@ -57,3 +57,8 @@ def split_and_decoded_logits(graphdef, params, ids_BxT, splits):
         return whole, {"split": jnp.concatenate(pieces, axis=1), "tokens": jnp.moveaxis(decoded, 0, 1)}
 
     return run(params)
+
+
+def get_config():
+    """The tiny config as a config file, for the command-line tests: `--config tests/helpers.py`."""
+    return tiny_config()

@@ -253,13 +253,16 @@ def test_jsonl_errors(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [{"body": "x"}])
     with pytest.raises(DataError, match=r"a\.jsonl:1: no field 'text'"):
         build_source(data_cfg(source="jsonl", paths=str(tmp_path / "a.jsonl"), val_fraction=0.0), "train")
-    write_jsonl(tmp_path / "b.jsonl", [{"text": "ok"}, "{broken", {"other": 1}])
-    source = build_source(data_cfg(source="jsonl", paths=str(tmp_path / "b.jsonl"), val_fraction=0.0), "train")
-    assert source[0] == "ok"
-    with pytest.raises(DataError, match=r"b\.jsonl:2: invalid JSON"):
-        source[1]
-    with pytest.raises(DataError, match=r"b\.jsonl:3: no field 'text'"):
-        source[2]
+    # Every line is checked when the source is built, not when training first reaches it.
+    write_jsonl(tmp_path / "b.jsonl", [{"text": "ok"}] * 50 + ["{broken", {"other": 1}])
+    with pytest.raises(DataError, match=r"b\.jsonl:51: invalid JSON"):
+        build_source(data_cfg(source="jsonl", paths=str(tmp_path / "b.jsonl"), val_fraction=0.0), "train")
+    write_jsonl(tmp_path / "c.jsonl", [{"text": "ok"}] * 50 + [{"other": 1}])
+    with pytest.raises(DataError, match=r"c\.jsonl:51: no field 'text'"):
+        build_source(data_cfg(source="jsonl", paths=str(tmp_path / "c.jsonl"), val_fraction=0.0), "train")
+    write_jsonl(tmp_path / "d.jsonl", [{"text": "ok"}] * 50 + [{"text": 7}])
+    with pytest.raises(DataError, match=r"d\.jsonl:51: field 'text' is int, not a string"):
+        build_source(data_cfg(source="jsonl", paths=str(tmp_path / "d.jsonl"), val_fraction=0.0), "train")
 
 
 def test_arrayrecord_source(tmp_path):

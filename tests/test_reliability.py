@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from memjax import checkpoint, trainer
+from memjax.checkpoint import CheckpointError, verify_integrity
 from memjax.config import ConfigError
+from memjax.metrics import read_jsonl
 from memjax.models import lm
 from memjax.reliability import NonFiniteError, WorkdirLock
 from tests.helpers import tiny_config
@@ -40,20 +42,30 @@ def straight(tmp_path_factory):
     return params_of(workdir, cfg)[0]
 
 
-def cli(workdir, **overrides):
-    """The train command line for the tiny config, as a subprocess argument list."""
-    flags = {**BASE, **{k: v for k, v in overrides.items()}}
-    script = (
-        "import sys; from tests.helpers import tiny_config; from memjax import trainer; "
-        f"trainer.train(tiny_config(**{flags!r}), sys.argv[1])"
-    )
-    return [sys.executable, "-c", script, str(workdir)]
+def cli(workdir, *extra, config="tests/helpers.py", **overrides):
+    """`python -m memjax.train` on the tiny config (tests/helpers.py's get_config), as an argument list."""
+    flags = [f"--config.{k}={v}" for k, v in {**BASE, **overrides}.items()]
+    return [sys.executable, "-m", "memjax.train", "--config", config, "--workdir", str(workdir), *flags, *extra]
 
 
-def launch(workdir, **overrides):
+def launch(workdir, *extra, file_size_limit=0, **overrides):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(cli(workdir, **overrides), cwd=str(ROOT), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    command = cli(workdir, *extra, **overrides)
+    if file_size_limit:
+        # Writes past the limit fail with EFBIG, as they would on a full disk (SIGXFSZ, ignored here,
+        # would kill the process instead). Set in a small launcher, not preexec_fn: that forks a
+        # multithreaded process.
+        command = [sys.executable, "-c", "import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, "
+                   f"signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, ({file_size_limit},) * 2); "
+                   "os.execv(sys.executable, sys.argv[1:])", *command]
+    return subprocess.Popen(command, cwd=str(ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run_cli(workdir, *extra, **overrides) -> tuple[int, list[str]]:
+    """(exit status, output lines) of a command-line run to its end."""
+    proc = launch(workdir, *extra, **overrides)
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, (out + err).strip().splitlines()
 
 
 def logged_step(workdir) -> int:
@@ -88,6 +100,8 @@ def test_kill_9_at_random_steps_and_during_saves_then_resume_equals_uninterrupte
     params, step = params_of(tmp_path, tiny_config(**BASE))
     assert step == STEPS
     assert_same_params(params, straight)
+    # Steps logged after the last checkpoint by a killed run were trained again; each is logged once.
+    assert [r["step"] for r in read_jsonl(str(tmp_path / "metrics.jsonl"))] == list(range(1, STEPS + 1))
 
 
 def test_sigterm_saves_and_exits_cleanly_and_the_next_launch_resumes(straight, tmp_path):
@@ -103,7 +117,7 @@ def test_sigterm_saves_and_exits_cleanly_and_the_next_launch_resumes(straight, t
     assert_same_params(params_of(tmp_path, tiny_config(**BASE))[0], straight)
 
 
-@pytest.mark.parametrize("damage", ["delete", "truncate"])
+@pytest.mark.parametrize("damage", ["delete", "truncate", "flip"])
 def test_corrupt_checkpoint_falls_back_to_the_previous_one(straight, tmp_path, damage, caplog):
     cfg = tiny_config(**BASE, **{"train.checkpoint_every": 8, "train.stop_at_step": 16})
     trainer.train(cfg, str(tmp_path))
@@ -111,11 +125,15 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(straight, tmp_path, d
     target = max(files, key=lambda p: p.stat().st_size)
     if damage == "delete":
         target.unlink()
-    else:
+    elif damage == "truncate":
         target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    else:  # one bit of a stored parameter: orbax itself restores it without complaint
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        target.write_bytes(bytes(data))
     caplog.set_level("WARNING", logger="memjax")
     trainer.train(tiny_config(**BASE, **{"train.checkpoint_every": 8}), str(tmp_path))
-    assert "checkpoint at step 16 cannot be restored" in caplog.text
+    assert "checkpoint at step 16 is corrupt" in caplog.text
     assert (tmp_path / "checkpoints" / "16.corrupt").is_dir()
     assert_same_params(params_of(tmp_path, tiny_config(**BASE))[0], straight)
 
@@ -140,11 +158,13 @@ def test_nan_under_skip_skips_the_update_and_counts_it(tmp_path):
         trainer.train(cfg_limit, str(tmp_path / "limit"))
 
 
-def test_a_workdir_in_use_is_refused(tmp_path):
+def test_a_workdir_in_use_is_refused_before_anything_else(tmp_path):
     lock = WorkdirLock(str(tmp_path))
     try:
+        # Data that cannot be read: the lock is reported first, so it comes before the (slow) setup.
+        bad_data = {"data.source": "text", "data.paths": "/nonexistent-memjax-dir/*.txt"}
         with pytest.raises(ConfigError, match=rf"workdir {tmp_path} is in use by another run \(pid {os.getpid()}\)"):
-            trainer.train(tiny_config(**BASE), str(tmp_path))
+            trainer.train(tiny_config(**BASE, **bad_data), str(tmp_path))
     finally:
         lock.release()
 
@@ -171,3 +191,109 @@ def test_bad_data_fails_before_the_workdir_is_touched(tmp_path, overrides, messa
     with pytest.raises(ValueError, match=message):
         trainer.train(tiny_config(**{**BASE, **overrides}), str(workdir))
     assert not workdir.exists()
+
+
+def checkpoint_tree(workdir) -> dict[str, bytes]:
+    """Every file of the run's checkpoints and its config.json, by path: what must survive a refusal."""
+    paths = [p for p in (workdir / "checkpoints").rglob("*") if p.is_file()] + [workdir / "config.json"]
+    return {str(p.relative_to(workdir)): p.read_bytes() for p in paths}
+
+
+def test_resume_with_a_changed_optimizer_structure_is_refused_and_the_original_config_resumes(straight, tmp_path):
+    trainer.train(tiny_config(**BASE, **{"train.checkpoint_every": 8, "train.stop_at_step": 16}), str(tmp_path))
+    before = checkpoint_tree(tmp_path)
+    # clip_norm=0 drops the clipping transform's state from the optimizer state's tree.
+    status, lines = run_cli(tmp_path, **{"train.checkpoint_every": 8, "optim.clip_norm": 0.0})
+    assert status != 0 and len(lines) <= 5, lines
+    assert lines[-1].startswith("error: config.optim.clip_norm: the checkpoints in") and "train.init_from" in lines[-1]
+    assert checkpoint_tree(tmp_path) == before  # nothing renamed, nothing rewritten
+    assert all(verify_integrity(pathlib.Path(tmp_path, "checkpoints", step)) == "" for step in ("8", "16"))
+    # What may change on a resume does not trip the check (setup alone: nothing is trained here) ...
+    trainer.setup(tiny_config(**{**BASE, "train.steps": 40, "optim.lr": 0.05, "train.eval_every": 3,
+                                 "optim.schedule": "linear", "optim.warmup_steps": 2}), str(tmp_path))
+    # ... and the original config, with other cadences, resumes into the uninterrupted run's parameters.
+    trainer.train(tiny_config(**BASE, **{"train.checkpoint_every": 5, "train.keep_checkpoints": 0}), str(tmp_path))
+    assert_same_params(params_of(tmp_path, tiny_config(**BASE))[0], straight)
+
+
+def test_a_workdir_whose_checkpoints_are_all_corrupt_starts_over_only_when_told(straight, tmp_path):
+    cfg = tiny_config(**BASE, **{"train.checkpoint_every": 4, "train.stop_at_step": 4})
+    trainer.train(cfg, str(tmp_path))
+    step_dir = tmp_path / "checkpoints" / "4"
+    record = step_dir / checkpoint.INTEGRITY_FILE
+    saved_record = record.read_bytes()
+    blob = max((p for p in (step_dir / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    blob.write_bytes(blob.read_bytes()[:100])
+    # Without its integrity record nothing proves the damage: the run stops and moves nothing.
+    record.unlink()
+    with pytest.raises(CheckpointError, match=r"step 4 .* has no memjax_integrity\.json .* nothing was moved"):
+        trainer.train(tiny_config(**BASE), str(tmp_path))
+    assert step_dir.is_dir()
+    # With it, the damage is proven: moved aside, and no silent fresh start, now or at the next launch.
+    record.write_bytes(saved_record)
+    for _ in range(2):
+        with pytest.raises(CheckpointError, match=r"every checkpoint under .* set aside \(4\.corrupt\); set "
+                                                  r"train\.restart=true"):
+            trainer.train(tiny_config(**BASE), str(tmp_path))
+    assert (tmp_path / "checkpoints" / "4.corrupt").is_dir() and not step_dir.exists()
+    trainer.train(tiny_config(**BASE, **{"train.restart": True}), str(tmp_path))
+    assert_same_params(params_of(tmp_path, tiny_config(**BASE))[0], straight)
+    assert (tmp_path / "checkpoints" / "4.corrupt").is_dir()  # kept, for whoever wants to look at it
+
+
+def test_a_failed_save_is_one_line_naming_the_directory_and_the_last_intact_step(tmp_path):
+    trainer.train(tiny_config(**BASE, **{"train.checkpoint_every": 8, "train.stop_at_step": 8}), str(tmp_path))
+    # 60 kB: the checkpoint's blobs are larger, the metrics and event files smaller.
+    proc = launch(tmp_path, file_size_limit=60_000, **{"train.checkpoint_every": 8, "train.async_checkpoint": True})
+    out, err = proc.communicate(timeout=300)
+    lines = (out + err).strip().splitlines()
+    assert proc.returncode != 0 and "Traceback" not in out + err and len(lines) <= 5, lines
+    directory = tmp_path / "checkpoints"
+    assert lines[-1].startswith(f"error: saving the checkpoint of step 16 under {directory} failed (File too large")
+    assert f"the last intact checkpoint is step 8 ({directory / '8'})" in lines[-1]
+    assert verify_integrity(directory / "8") == ""
+
+
+def test_warmup_longer_than_the_run_is_clamped_with_one_warning(tmp_path):
+    status, lines = run_cli(tmp_path, **{"train.steps": 2, "optim.warmup_steps": 100})
+    assert status == 0, lines
+    assert sum("optim.warmup_steps=100 exceeds train.steps=2" in line for line in lines) == 1, lines
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config.train.stepz=5"], "error: config.train.stepz: unknown key (did you mean 'steps'?)"),
+        (["--config.no_such_knob=3"], "error: config.no_such_knob: unknown key"),
+        (["--config.optim.groups.nope.lr_mult=2"], "error: config.optim.groups.nope.lr_mult: the config file defines no 'nope'"),
+        (["--config.model.num_layers=1", "--config.model.block_pattern=attention,atention"],
+         "error: config.model.block_pattern: unknown block 'atention' (did you mean 'attention'?)"),
+        ("missing config", "error: --config: no such file: configs/no_such_config.py"),
+        ("workdir is a file", "error: --workdir {workdir} is a file, not a directory"),
+        ("bad JSONL line", "error: {data}:40: invalid JSON"),
+    ],
+)
+def test_every_bad_input_is_one_line(tmp_path, args, message):
+    workdir, data = tmp_path / "run", tmp_path / "docs.jsonl"
+    config = "tests/helpers.py"
+    if args == "missing config":
+        args, config = [], "configs/no_such_config.py"
+    elif args == "workdir is a file":
+        args = []
+        workdir.write_text("not a directory")
+    elif args == "bad JSONL line":
+        data.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(39)) + "{broken\n")
+        args = ["--config.data.source=jsonl", f"--config.data.paths={data}"]
+    status, lines = run_cli(workdir, *args, config=config)
+    assert status != 0 and len(lines) == 1, lines
+    assert lines[0].startswith(message.format(workdir=workdir, data=data)), lines
+    assert workdir.is_file() if config == "tests/helpers.py" and not args else not workdir.exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_a_read_only_workdir_is_one_line(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    workdir.chmod(0o555)
+    status, lines = run_cli(workdir)
+    assert status != 0 and lines == [f"error: --workdir {workdir} is not writable; use another --workdir or fix its permissions"]

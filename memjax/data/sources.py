@@ -30,6 +30,7 @@ import re
 import sysconfig
 
 import numpy as np
+from tqdm import tqdm
 
 SPLITS = ("train", "validation")
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -37,6 +38,8 @@ _GLOB_MAGIC = re.compile(r"[*?[]")
 # Reading every user text file once up front is cheap at user scale; beyond this we only sniff.
 _FULL_UTF8_CHECK_BYTES = 256 * 2**20
 _SNIFF_BYTES = 64 * 2**10
+# Checking every JSONL line runs at roughly 100-300 MB/s; below this it is too quick for a progress bar.
+_JSONL_PROGRESS_BYTES = 64 * 2**20
 
 
 class DataError(ValueError):
@@ -158,14 +161,19 @@ class JsonlSource:
     def __init__(self, files: list[tuple[str, str]], keep, field: str):
         self.paths = [p for p, _ in files]
         self.field = field
-        index = []  # (file, start, end, line number)
-        for file_idx, (path, key) in enumerate(files):
-            lines = _line_offsets(path)
-            if not lines:
-                raise DataError(f"data file {path} holds no JSON lines")
-            self._parse(file_idx, *lines[0])  # fail fast on a wrong format or field name
-            index.extend((file_idx, s, e, n) for s, e, n in lines if keep(f"{key}:{n}"))
-        self.index = np.asarray(index, dtype=np.int64).reshape(-1, 4)
+        index = []  # arrays of (file, start, end, line number)
+        total = sum(os.path.getsize(p) for p, _ in files)
+        # Every line is checked before training starts: a bad line deep in a file would otherwise stop
+        # the run whenever the shuffled stream first reaches it, hours in.
+        with tqdm(total=total, unit="B", unit_scale=True, desc="checking JSONL", leave=False,
+                  disable=total < _JSONL_PROGRESS_BYTES) as bar:
+            for file_idx, (path, key) in enumerate(files):
+                lines = _checked_jsonl_lines(path, field, bar)
+                if not len(lines):
+                    raise DataError(f"data file {path} holds no JSON lines")
+                kept = lines[[keep(f"{key}:{n}") for n in lines[:, 2]]]
+                index.append(np.column_stack([np.full(len(kept), file_idx, np.int64), kept]))
+        self.index = np.concatenate(index).reshape(-1, 4) if index else np.zeros((0, 4), np.int64)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -178,32 +186,49 @@ class JsonlSource:
         with open(path, "rb") as f:
             f.seek(start)
             line = f.read(end - start)
-        where = f"{path}:{line_no}"
-        try:
-            obj = json.loads(line)
-        except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
-            raise DataError(f"{where}: invalid JSON ({err})") from None
-        if not isinstance(obj, dict) or self.field not in obj:
-            keys = sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
-            raise DataError(f"{where}: no field {self.field!r} (data.jsonl_field); found {keys}")
-        text = obj[self.field]
-        if not isinstance(text, str):
-            raise DataError(f"{where}: field {self.field!r} is {type(text).__name__}, not a string")
-        return text
+        return _document_of(line, self.field, f"{path}:{line_no}")
 
     def __repr__(self) -> str:
         return f"JsonlSource({len(self)} lines in {len(self.paths)} files)"
 
 
-def _line_offsets(path: str) -> list[tuple[int, int, int]]:
+def _document_of(line: bytes, field: str, where: str) -> str:
+    try:
+        obj = json.loads(line)
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        raise DataError(f"{where}: invalid JSON ({err})") from None
+    if not isinstance(obj, dict) or field not in obj:
+        keys = sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
+        raise DataError(f"{where}: no field {field!r} (data.jsonl_field); found {keys}")
+    text = obj[field]
+    if not isinstance(text, str):
+        raise DataError(f"{where}: field {field!r} is {type(text).__name__}, not a string")
+    return text
+
+
+# (real path, size, mtime, field) -> line offsets: the train and validation splits read the same files.
+_checked_jsonl: dict[tuple, np.ndarray] = {}
+
+
+def _checked_jsonl_lines(path: str, field: str, bar) -> np.ndarray:
+    """[lines, 3] int64: (start, end, line number) of every non-blank line, each parsed once to check it holds a string
+    in `field`; a bad line raises DataError naming path:line."""
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, field)
+    if key in _checked_jsonl:
+        bar.update(stat.st_size)
+        return _checked_jsonl[key]
     out, offset = [], 0
     with open(path, "rb") as f:
         for line_no, line in enumerate(f, 1):
             body = line.rstrip(b"\r\n")
             if body.strip():
+                _document_of(body, field, f"{path}:{line_no}")
                 out.append((offset, offset + len(body), line_no))
             offset += len(line)
-    return out
+            bar.update(len(line))
+    _checked_jsonl[key] = np.asarray(out, dtype=np.int64).reshape(-1, 3)
+    return _checked_jsonl[key]
 
 
 class ArrayRecordSource:
