@@ -41,7 +41,7 @@ def run_config(mixer: str, d_model: int, num_layers: int, lr: float, seed: int, 
     cfg.seed = seed
     cfg.model.d_model, cfg.model.num_layers = d_model, num_layers
     cfg.model.num_heads = max(1, round(d_model / 32))  # heads of width 32 (48: two of 24)
-    study.set_mixer(cfg, mixer, window=WINDOW)
+    study.set_mixer(cfg, mixer, window=WINDOW, memory=study.TITANS_MEMORY if mixer.startswith("titans") else None)
     t = cfg.train
     t.seq_len, t.batch_size = SEQ_LEN, p["batch_size"]
     t.steps = max(p["tokens"] // (t.batch_size * t.seq_len), 20)

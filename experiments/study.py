@@ -176,8 +176,14 @@ def train(cfg, workdir: str) -> dict:
 
 
 # The memory settings of configs/titans_lmm_quickstart.py: a linear memory with a small inner step
-# (that file's docstring: the registered deep memory diverged in training at these sizes).
+# (that file's docstring: the registered deep memory diverged in training at these sizes). The
+# language-modelling studies (scaling.py) use these.
 TITANS_MEMORY = {"memory_depth": 1, "chunk": 16, "theta_max": 0.01, "theta_init": 0.005}
+# The Titans memory (momentum, decay) for the recall studies: at TITANS_MEMORY's inner step of at most
+# 0.01 a write barely moves the memory, and MAG / MAL stayed at chance on MQAR; at the delta rule's
+# step (theta up to 1) with half momentum, MAL reached 0.97 by step 800 (experiments/README.md).
+TITANS_RECALL = {"memory_depth": 1, "chunk": 8, "theta_max": 1.0, "theta_init": 0.5, "eta_init": 0.5,
+                 "alpha_init": 0.001}
 # The delta rule (DeltaNet) in the engine: linear memory, L2 inner loss, plain gradient descent with a
 # step theta in (0, 1) (the L2 loss's 1/2 makes theta the delta rule's beta), almost no forgetting.
 DELTA_MEMORY = {"memory_depth": 1, "optimizer": "gd", "theta_max": 1.0, "theta_init": 0.5, "alpha_init": 0.001,
@@ -186,9 +192,9 @@ DELTA_MEMORY = {"memory_depth": 1, "optimizer": "gd", "theta_max": 1.0, "theta_i
 MIXERS = {
     "attention": ("attention", {}),
     "swa": ("swa", {}),
-    "titans_mag": ("titans_mag", TITANS_MEMORY),
-    "titans_mal": ("titans_mal", TITANS_MEMORY),
-    "titans_lmm": ("titans_lmm", TITANS_MEMORY),
+    "titans_mag": ("titans_mag", TITANS_RECALL),
+    "titans_mal": ("titans_mal", TITANS_RECALL),
+    "titans_lmm": ("titans_lmm", TITANS_RECALL),
     # x + DeltaMemory(norm x), then x + SWA(norm x): the memory's reads enter the residual stream (in
     # MAG they only gate the attention's output, which cannot carry a recalled token by itself).
     "delta_mal": ("titans_mal", DELTA_MEMORY),
@@ -198,12 +204,14 @@ MIXERS = {
 }
 
 
-def set_mixer(cfg, mixer: str, *, window: int, **settings) -> None:
-    """Every layer of `cfg` becomes the mixer; `window` is the local attention of swa / MAG / MAL, and
-    `settings` override the block's (e.g. pkm n_keys)."""
+def set_mixer(cfg, mixer: str, *, window: int, memory: dict | None = None, **settings) -> None:
+    """Every layer of `cfg` becomes the mixer; `window` is the local attention of swa / MAG / MAL,
+    `memory` replaces the mixer's own settings in MIXERS (e.g. TITANS_MEMORY) and `settings` override
+    the block's (e.g. pkm n_keys)."""
     import ml_collections
 
     block, defaults = MIXERS[mixer]
+    defaults = defaults if memory is None else memory
     cfg.model.block_pattern = block
     cfg.model.swa.window = window
     if defaults or settings:
@@ -251,12 +259,14 @@ def task_config(task: str, options: str, *, seq_len: int, mixer: str, d_model: i
     cfg.seed = seed
     m = cfg.model
     m.d_model, m.num_layers, m.num_heads = d_model, num_layers, num_heads or max(1, d_model // 32)
-    # Weights start at std 1/sqrt(d_model) (0.125 at width 64), not base_config's 0.02 (GPT-2's, for
-    # width 768). A memory's projections are followed by L2 or RMS norms, so only their direction counts,
-    # and Adam moves each weight by about lr per step whatever its size: from 0.02 a step of 3e-3 turns
-    # them by ~15%, and the delta-rule MAL learnt MQAR to 0.18 in 1500 steps; from 0.1 it passed 0.96
-    # by step 500 (experiments/README.md, "what makes recall slow").
-    m.init_std = d_model**-0.5
+    if MIXERS[mixer][0].startswith("titans"):
+        # A neural memory's weights start at std 1/sqrt(d_model) (0.125 at width 64), not base_config's
+        # 0.02 (GPT-2's, for width 768). Its projections are followed by L2 or RMS norms, so only their
+        # direction counts, and Adam moves each weight by about lr per step whatever its size: from 0.02
+        # a step of 3e-3 turns them by ~15%. On MQAR the delta-rule MAL reached 0.18 in 1500 steps from
+        # 0.02 and 0.96 by step 500 from 0.1; attention is the other way round (0.82-0.97 from 0.02,
+        # 0.38 from 0.1), so it keeps 0.02 (experiments/README.md, "What makes recall slow").
+        m.init_std = d_model**-0.5
     m.vocab_size = vocab_size  # 0: the byte tokenizer's (covers task ids below 256)
     set_mixer(cfg, mixer, window=window, **mixer_settings)
     cfg.data.source, cfg.data.task, cfg.data.task_options = "task", task, options
