@@ -100,6 +100,7 @@ def test_document_iterator_resumes_from_its_state():
     ("titans_lmm", {"chunk": 4}),
     ("atlas", {"chunk": 4, "heads": 4}),
     ("titans_mac", {"chunk": 4, "segment": 8}),
+    ("titans_mac", {"chunk": 4, "segment": 8, "persistent_tokens": 3}),  # the carry holds pending tokens
     ("hmt", {}),
 ])
 def test_long_input_in_segments_equals_one_call(block, settings):

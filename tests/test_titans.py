@@ -271,9 +271,19 @@ def test_any_split_into_calls_and_token_by_token_decoding_equal_one_parallel_cal
     assert_calls_equal_one_call(name, length=19, splits=[(0, 7), (7, 8), (8, 13), (13, 19)])
 
 
-def assert_calls_equal_one_call(name, length, splits):
+@pytest.mark.parametrize("persistent", [3, 6])
+def test_mac_persistent_tokens_off_the_chunk_grid_decode_as_one_call(persistent):
+    """The persistent tokens leave persistent % chunk tokens pending in the memory: the one-call (training)
+    path must keep them, so its chunk grid is decoding's. A larger inner step than Titans' makes a shifted
+    grid show well above float32 rounding (about 1e-3 on these logits of about 0.5)."""
+    section = {"persistent_tokens": persistent, "theta_max": 0.5, "theta_init": 0.25}
+    assert_calls_equal_one_call("titans_mac", length=19, splits=[(0, 5), (5, 19)],
+                                **{f"model.titans_mac.{key}": value for key, value in section.items()})
+
+
+def assert_calls_equal_one_call(name, length, splits, **overrides):
     """Logits of one call == of `splits` calls with carried state == of decoding token by token."""
-    graphdef, params = build(variant_config(name))
+    graphdef, params = build(variant_config(name, **overrides))
     ids = jax.random.randint(jax.random.key(1), (2, length), 0, VOCAB)
     whole, outs = split_and_decoded_logits(graphdef, params, ids, splits)
     for label, logits in outs.items():

@@ -12,6 +12,10 @@ their defaults; `hybrid` picks the architecture, so any engine configuration can
   token); attention over [persistent | r_<=t | x_<=t] gives y_t (causal: the paper lets token t see the
   whole segment's retrieved tokens, which would leak later inputs into a language model); the memory
   is written with y and read at y_t after the write, m_t; out = W_o(RMSNorm(y) * sigmoid(RMSNorm(m))).
+  The memory's chunk grid starts with its persistent tokens, so where `persistent_tokens % chunk` != 0
+  that many tokens before each segment start are pending (an incomplete chunk): M_s is the memory after
+  its last complete chunk, and the pending tokens are written with the segment's first chunk of the grid,
+  in one call (training, evaluation) as in decoding.
 
 Persistent tokens (`persistent_tokens`) are learned: in attention, key/value pairs projected from learned
 inputs by the layer's own W_K, W_V (no RoPE: they have no position); in the memory, learned inputs
@@ -241,13 +245,18 @@ class NeuralMemoryBlock(nnx.Module):
         pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (batch, s))
         causal = layers.attention_mask(pos, pos, 0)
         mask = jnp.concatenate([causal, causal], axis=-1)  # [r_<=t | x_<=t]
+        # The persistent tokens leave persistent % chunk of them pending in the memory, and every segment
+        # (a multiple of the chunk) leaves as many: each write must take them in, or the chunk grid shifts
+        # away from decoding's. Only without pending tokens may the cheaper aligned write (one chunk less
+        # per segment) be used.
+        aligned = self.memory.num_persistent % self.memory.spec.chunk == 0
 
         def one_segment(mem_state, h_seg):
             retrieved = self.retrieve(h_seg, mem_state["memory"])
             q, k_h, v_h = self.attention.project(h_seg, pos)
             _, k_r, v_r = self.attention.project(retrieved, pos)
             y = self.attention.attend(q, jnp.concatenate([k_r, k_h], 1), jnp.concatenate([v_r, v_h], 1), mask)
-            remembered, mem_state, diagnostics = self.memory.forward(y, mem_state, aligned=True)
+            remembered, mem_state, diagnostics = self.memory.forward(y, mem_state, aligned=aligned)
             gated, gate_mean = self.gate(y, remembered)
             return mem_state, (gated, gate_mean, diagnostics)
 
