@@ -6,11 +6,15 @@ sequence mixer, Zoology's headline plot.
 Every mixer (full attention; sliding-window attention with a window far shorter than the sequence;
 the same window after a delta-rule memory layer (MAL) or with the Titans memory (MAG, MAL); the
 memories alone; full attention with a product-key memory FFN; see study.MIXERS) trains on MQAR
-(memjax.tasks.mqar) at each width, through memjax.trainer with the masked loss on the queried
-positions, and is scored by memjax.evaluate on held-out examples (task_eval_seed). The quick preset
-is the spec's separating setting (V = 256, L = 64, 8 key-value pairs, 2 layers, 1500 steps x 64)
-with full attention, SWA (window 8) and SWA + delta-rule memory (MAL) at widths 32 and 64. The full
-preset is Zoology's sweep: 16-64 pairs at L = 256, widths 64-512, best of three learning rates.
+(memjax.tasks.mqar) at each width, learning rate and seed, through memjax.trainer with the masked loss
+on the queried positions; evaluations during training log eval/mqar_accuracy (the curve shows when
+recall clicks), and the finished run is scored by memjax.evaluate on held-out examples
+(task_eval_seed). Per mixer and width the learning rate with the best mean over seeds counts
+(Zoology's protocol); the summary gives that mean and each seed's accuracy. The quick preset is the
+spec's separating setting (V = 256, L = 64, 8 key-value pairs, 2 layers, 1500 steps x 64) at width 64
+with full attention, SWA (window 8), SWA + delta-rule memory (MAL) and Titans MAG / MAL, three
+learning rates and two seeds. The full preset is Zoology's sweep: 16-64 pairs at L = 256, widths
+64-512. Neural memories start from weights of std 1/sqrt(d_model) (study.task_config says why).
 
 State size: floats a layer keeps per sequence to decode the next token, summed over layers: the keys
 and values of the positions attention sees (all L for full attention, the window plus persistent
