@@ -180,9 +180,12 @@ def train(cfg, workdir: str) -> dict:
 # language-modelling studies (scaling.py) use these.
 TITANS_MEMORY = {"memory_depth": 1, "chunk": 16, "theta_max": 0.01, "theta_init": 0.005}
 # The Titans memory (momentum, decay) for the recall studies: at TITANS_MEMORY's inner step of at most
-# 0.01 a write barely moves the memory, and MAG / MAL stayed at chance on MQAR; at the delta rule's
-# step (theta up to 1) with half momentum, MAL reached 0.97 by step 800 (experiments/README.md).
-TITANS_RECALL = {"memory_depth": 1, "chunk": 8, "theta_max": 1.0, "theta_init": 0.5, "eta_init": 0.5,
+# 0.01 a write barely moves the memory, and MAG / MAL stayed at chance on MQAR; with theta up to 1 and
+# half momentum, MAL reached 0.99 (chunk 8), but MAG diverged on S-NIAH's repeated filler sentences: a
+# chunk's tokens share one state, so its inner step is theta times the largest eigenvalue of the sum of
+# its (unit) keys' outer products, up to `chunk` when they repeat; heavy-ball momentum stays stable
+# below 2 (1 + eta), so theta_max = 2 / chunk keeps every chunk stable whatever the keys.
+TITANS_RECALL = {"memory_depth": 1, "chunk": 4, "theta_max": 0.5, "theta_init": 0.25, "eta_init": 0.5,
                  "alpha_init": 0.001}
 # The delta rule (DeltaNet) in the engine: linear memory, L2 inner loss, plain gradient descent with a
 # step theta in (0, 1) (the L2 loss's 1/2 makes theta the delta rule's beta), almost no forgetting.
