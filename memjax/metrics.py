@@ -8,6 +8,8 @@ import os
 import jax
 from tensorboardX import SummaryWriter
 
+from memjax.reliability import write_atomically
+
 
 class MetricsWriter:
     """Writes on process 0 only, so a multi-host run has one copy of each metric."""
@@ -50,10 +52,7 @@ def keep_steps_up_to(workdir: str, step: int) -> None:
                 kept.append(line if line.endswith("\n") else line + "\n")
             dropped |= not keep
     if dropped:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        write_atomically(path, "".join(kept))
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -210,10 +210,14 @@ def is_free_on_resume(key: str) -> bool:
     return any(key == free or (free.endswith(".") and key.startswith(free)) for free in FREE_ON_RESUME)
 
 
+def _differences(old: dict, new: dict) -> list[tuple[str, object, object]]:
+    """(key, old value, new value) of every key of two flat dicts whose values differ, in key order."""
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
 def config_changes(saved: dict, cfg) -> list[tuple[str, object, object]]:
     """(dotted key, saved value, new value) of every setting that differs, in key order."""
-    old, new = _flat(saved), _flat(json.loads(cfg.to_json()))
-    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return _differences(_flat(saved), _flat(json.loads(cfg.to_json())))
 
 
 def resume_refusal(workdir: str, changes: list[tuple[str, object, object]], init_from: bool = True) -> str:
@@ -241,8 +245,7 @@ def check_resume_config(workdir: str, cfg) -> None:
             f"config.data.tokenizer: the checkpoints in {workdir} were trained with {saved['tokenizer_kind']!r}, "
             f"this config has {cfg.data.tokenizer!r}; use a new --workdir"
         )
-    old, now = _flat(saved["model"], "model."), _flat(cfg.model.to_dict(), "model.")
-    changed = [(k, old.get(k), now.get(k)) for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
+    changed = _differences(_flat(saved["model"], "model."), _flat(cfg.model.to_dict(), "model."))
     if changed:
         raise ConfigError(resume_refusal(workdir, changed, init_from=False))
 
@@ -259,9 +262,14 @@ def check_resume_tokenizer(workdir: str, vocab_size: int, tokenizer, checkpoint_
         )
 
 
+def write_atomically(path: str, text: str) -> None:
+    """The file is the old one or the new one, never half of it: a kill mid-write leaves a .tmp."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def write_run_info(workdir: str, cfg, vocab_size: int, tokenizer) -> None:
     info = {**_model_and_tokenizer_settings(cfg), "vocab_size": vocab_size, "tokenizer": tokenizer_fingerprint(tokenizer)}
-    tmp = os.path.join(workdir, "run.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2)
-    os.replace(tmp, os.path.join(workdir, "run.json"))
+    write_atomically(os.path.join(workdir, "run.json"), json.dumps(info, indent=2))

@@ -301,7 +301,7 @@ def _train_locked(run: Run, workdir: str, train_iter, eval_batches) -> dict[str,
     # Only now, with the run's state settled, does this config become the run's config: a launch that
     # is refused above leaves the saved one (what the next launch is compared against) untouched.
     if jax.process_index() == 0:
-        _write_atomically(os.path.join(workdir, "config.json"), cfg.to_json(indent=2))
+        reliability.write_atomically(os.path.join(workdir, "config.json"), cfg.to_json(indent=2))
         reliability.write_run_info(workdir, cfg, run.vocab_size, run.tokenizer)
         # Records past the resumed step describe steps about to be trained again.
         metrics.keep_steps_up_to(workdir, restored[1] if restored is not None else 0)
@@ -388,13 +388,6 @@ def _train_locked(run: Run, workdir: str, train_iter, eval_batches) -> dict[str,
     if step < t.steps and not stop_request:
         log.info("stopped at step %d of %d (train.stop_at_step); the next launch resumes", step, t.steps)
     return last
-
-
-def _write_atomically(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _log_interval(writer, step, stats, elapsed, tokens_per_step, flops_per_token, peak, state) -> dict:
