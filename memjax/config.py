@@ -56,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.model.dtype = "float32"  # compute dtype; parameters stay float32
     # Each block's settings and each wrapper's (e.g. `hmt`: the decoder wrapped in the Hierarchical Memory
     # Transformer, off unless `enabled`), from their classes (memjax.models.registry).
-    for name, defaults in registry.block_defaults().items():
+    for name, defaults in registry.config_sections().items():
         cfg.model[name] = ml_collections.ConfigDict(defaults)
 
     cfg.train = ml_collections.ConfigDict()

@@ -1,7 +1,5 @@
 """HMT (memjax.models.hmt): the equivalences of the segment-memory spec, causality, BPTT, decoding, configs."""
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,8 +1,6 @@
 """The LM2 block (memjax.memory.lm2): the equivalences of the segment-memory spec, strict causality of the
 segment writes, carried state, validation, FLOPs, a smoke train and the configs."""
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +14,6 @@ from memjax.metrics import read_jsonl
 from memjax.models import factory, lm, registry
 from tests.helpers import config_file, split_and_decoded_logits, tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 64
 # Memory kernels and their number of input dims; `build` re-draws them at unit gain so that the memory
 # path moves the outputs by O(1), well above the tolerances (at init_std it is ~1e-4).
@@ -308,8 +305,6 @@ def test_a_tiny_model_trains_and_logs_its_gates(tmp_path):
 
 
 # --- configs ------------------------------------------------------------------------------------
-
-
 
 
 def test_quickstart_is_cpu_sized_and_validates():

@@ -2,8 +2,6 @@
 build abstractly at their stated sizes, and every family trains with its loss falling and its memory
 diagnostics logged at evaluation."""
 
-import os
-
 import jax
 import numpy as np
 import pytest
@@ -14,7 +12,6 @@ from memjax.metrics import read_jsonl
 from memjax.models import factory, registry
 from tests.helpers import config_file, tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ("atlas", "moneta", "yaad", "memora")
 QUICKSTARTS = tuple(f"{name}_quickstart" for name in FAMILIES)
 # name -> parameter range of the paper-shaped configs (d_model 1024, 22 layers of the block alone).
@@ -26,8 +23,6 @@ PAPER = {
 }
 PAPER_VOCAB = 32768
 BYTE_VOCAB = 264  # 256 bytes + end of document, rounded up to a multiple of 8
-
-
 
 
 def memory_blocks(cfg) -> set[str]:

@@ -1,7 +1,5 @@
 """Product-key memory: selection, the embedding bag, the sharded table, the block and its configs."""
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +16,6 @@ from memjax.models import attention, factory
 from tests.helpers import config_file, tiny_config
 
 VOCAB = 64
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKM = {"model.pkm.heads": 2, "model.pkm.n_keys": 8, "model.pkm.k": 4, "model.pkm.k_dim": 8}
 
 
@@ -38,8 +35,6 @@ def jitted(model):
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda state, ids, states: nnx.merge(graphdef, state)(ids, states))
     return lambda ids, states=None: forward(state, ids, states)
-
-
 
 
 # --- selection ---------------------------------------------------------------------------------

@@ -145,8 +145,8 @@ def load() -> dict[str, type[Block]]:
     return BLOCKS
 
 
-def block_defaults() -> dict[str, dict]:
-    """{section name: default settings} of every block with settings and of every wrapper."""
+def config_sections() -> dict[str, dict]:
+    """{`config.model` section name: default settings} of every block with settings and of every wrapper."""
     load()
     sections = {name: dict(cls.defaults) for name, cls in sorted(BLOCKS.items()) if cls.defaults}
     sections.update({name: dict(cls.defaults) for name, cls in sorted(WRAPPERS.items())})
