@@ -11,13 +11,13 @@ section (slot count, training data and schedule) could not be consulted here, so
 assumption to check against the paper, and the optimisation settings below are the project's usual ones
 for paper-shaped configs (as configs/titans_340m.py), not the paper's.
 
-Size: 1.94B parameters (counted with lm.abstract): the Llama-shaped decoder 1.14B (67M of it the
+Size: 1.94B parameters (counted with factory.abstract): the Llama-shaped decoder 1.14B (67M of it the
 embedding), the memory 50.3M per layer, of which M0 holds 4.2M and the projections 11 d_model^2: the read
 (W_Q, W_K, W_V, W_proj, W_out: 5), the write's own cross-attention (W_q^s, W_k^s, W_v^s, W_u: 4) and the
 K x K input and forget gates (2). The reference code writes from a mean over the sequence instead of the
 causal write attention, which is why it is lighter than this (see memjax/memory/lm2.py).
 
-Training FLOPs per token (lm.flops_per_token at 4K): 6 x 1.88B matmul parameters = 11.3G, attention scores
+Training FLOPs per token (factory.flops_per_token at 4K): 6 x 1.88B matmul parameters = 11.3G, attention scores
 1.6G, the memory's read and write attention 1.6G, and 2.4G for the slot-side projections, which move all
 2048 slot rows through K x d_model maps once per segment: 2 rows per token at segment 1024 (512 would
 double that term); 16.9G in all, M0 left out of the 6N term (it is no matmul).
@@ -28,7 +28,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # config files load by path, not as a package
 
-from lm2_quickstart import NO_DECAY  # noqa: E402
 from titans_170m import paper_recipe  # noqa: E402
 
 from memjax.config import base_config  # noqa: E402
@@ -47,5 +46,4 @@ def get_config():
     p.heads = 32
     p.segment = 1024  # 2 slot rows per token through the slot-side projections (see the docstring)
     paper_recipe(cfg)
-    cfg.optim.groups.lm2_no_decay = NO_DECAY  # M0 is an initial state, not a weight
     return cfg

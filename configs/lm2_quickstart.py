@@ -15,12 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # config files load by path, not as a package
 
-import ml_collections  # noqa: E402
 from quickstart import get_config as quickstart_config  # noqa: E402
-
-# M0 (the memory at a document start) is a 2-D parameter, so the ndim >= 2 rule would decay it towards
-# zero; it is an initial state, not a weight.
-NO_DECAY = ml_collections.ConfigDict({"pattern": r"/initial_memory$", "lr_mult": 1.0, "weight_decay": 0.0})
 
 
 def get_config():
@@ -31,5 +26,4 @@ def get_config():
     p.slot_width = 64
     p.heads = 4
     p.segment = 32
-    cfg.optim.groups.lm2_no_decay = NO_DECAY
     return cfg

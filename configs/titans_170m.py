@@ -2,7 +2,7 @@
 (sliding-window attention, window 512, gated by the neural memory) in all 13 layers of a d_model = 768
 decoder with 12 attention heads and 6 memory heads of width 128; 4K context, BPE with a 32,768-token
 vocabulary, AdamW lr 4e-4 cosine, weight decay 0.1, bfloat16 compute. 165M parameters (counted with
-lm.abstract; 12 layers would be 154M). Meant for accelerators: 30,000 steps of 128 x 4096 tokens
+factory.abstract; 12 layers would be 154M). Meant for accelerators: 30,000 steps of 128 x 4096 tokens
 (15.7B tokens, the paper's budget at this size).
 
 The memory is configs/titans_lmm_quickstart.py's MEMORY: a linear memory with theta <= 0.01, because
@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # config files load by path, not as a package
 
-from titans_lmm_quickstart import MEMORY, NO_DECAY  # noqa: E402
+from titans_lmm_quickstart import MEMORY  # noqa: E402
 
 from memjax.config import base_config  # noqa: E402
 
@@ -55,7 +55,6 @@ def paper_config(d_model: int, num_layers: int, num_heads: int, memory_heads: in
         p.window = 512  # sliding-window attention of MAG / MAL
         p.segment = 512  # MAC
     paper_recipe(cfg)
-    cfg.optim.groups.titans_no_decay = NO_DECAY  # the memory's 2-D biases and norm scales (see that file)
     return cfg
 
 

@@ -18,7 +18,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # config files load by path, not as a package
 
-import ml_collections  # noqa: E402
 from quickstart import get_config as quickstart_config  # noqa: E402
 
 # The inner loop's settings shared by the Titans configs (see the docstring).
@@ -28,14 +27,6 @@ MEMORY = {
     "theta_max": 0.01,  # theta = theta_max * sigmoid(.): at most 0.01 per token
     "theta_init": 0.005,
 }
-
-# The optimizer decays every parameter with ndim >= 2, meaning matrices; the memory's gate biases
-# (gates x heads), its output-norm scales (heads x head_dim) and the MAG/MAC branch-norm scales (2 x
-# d_model) are 2-D but are a bias and norm scales: decay would pull the gates' logits to 0 (forgetting
-# alpha towards 0.5).
-NO_DECAY = ml_collections.ConfigDict(
-    {"pattern": r"/(gate_bias|out_norm|branch_norms)$", "lr_mult": 1.0, "weight_decay": 0.0}
-)
 
 
 def titans_quickstart(block: str, steps: int, pattern: str = ""):
@@ -47,7 +38,6 @@ def titans_quickstart(block: str, steps: int, pattern: str = ""):
     p.heads = 4  # memory heads of width 32
     p.window = 64  # MAG / MAL: local attention, as in configs/swa_quickstart.py
     p.segment = 64  # MAC
-    cfg.optim.groups.titans_no_decay = NO_DECAY
     cfg.train.steps = steps
     cfg.train.checkpoint_every = 200
     return cfg

@@ -97,7 +97,7 @@ def _memory_problem(s: dict, dtype):
     import jax
     import jax.numpy as jnp
 
-    from memjax.memory import engine
+    from memjax.kernels.neural_memory import engine
 
     spec = engine.Spec(depth=s["depth"], activation=s["activation"], chunk=s["chunk"], remat_chunks=s["remat_chunks"])
     b, h, d, t = s["batch"], s["heads"], s["head_dim"], s["seq_len"]
@@ -118,7 +118,7 @@ def _memory_loss(spec, kernel, backend=None):
     import jax.numpy as jnp
 
     from memjax.kernels.neural_memory import api
-    from memjax.memory import engine
+    from memjax.kernels.neural_memory import engine
 
     def loss(state, momentum, streams, full):
         if kernel == "reference":

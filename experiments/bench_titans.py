@@ -103,9 +103,9 @@ def time_train_step(cfg, runs: int, warmup: int) -> tuple[float, bool]:
     import optax
     from flax import nnx
 
-    from memjax.models import lm
+    from memjax.models import factory
 
-    graphdef, params = lm.build(cfg.model, VOCAB, jax.random.key(0))
+    graphdef, params = factory.build(cfg.model, VOCAB, jax.random.key(0))
 
     def mean_loss(params, inputs, targets):
         logits, _ = nnx.merge(graphdef, params)(inputs)
@@ -129,7 +129,7 @@ def main(argv=None):
     args = parse_args(argv)
     import jax
 
-    from memjax.models import lm
+    from memjax.models import factory
 
     seq_lens = [int(t) for t in args.seq_lens.split(",")]
     blocks = [b.strip() for b in args.blocks.split(",") if b.strip()]
@@ -150,7 +150,7 @@ def main(argv=None):
     for block in blocks:
         for t in seq_lens:
             cfg = model_config(args, block, t)
-            params = lm.count_params(lm.abstract(cfg.model, VOCAB)[1])
+            params = factory.count_params(factory.abstract(cfg.model, VOCAB)[1])
             step_s, finite = time_train_step(cfg, args.runs, args.warmup)
             seconds[block, t] = step_s
             tokens_per_s = args.batch * t / step_s

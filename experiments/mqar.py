@@ -57,19 +57,19 @@ def state_floats(cfg) -> int:
     import numpy as np
     from flax import nnx
 
-    from memjax.config import block_names, resolve_vocab_size
+    from memjax.config import resolve_vocab_size
     from memjax.data import ByteTokenizer
-    from memjax.models import lm
+    from memjax.models import factory, registry
 
     def carry():
         vocab_size = resolve_vocab_size(cfg.model, ByteTokenizer().vocab_size)
-        graphdef, params = lm.build(cfg.model, vocab_size, jax.random.key(0))
+        graphdef, params = factory.build(cfg.model, vocab_size, jax.random.key(0))
         return nnx.merge(graphdef, params).init_carry(1)
 
     m, length = cfg.model, cfg.train.seq_len
     size = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
     total = 0
-    for name, block_carry in zip(block_names(m), jax.eval_shape(carry)):
+    for name, block_carry in zip(registry.block_names(m), jax.eval_shape(carry)):
         if name in ("attention", "pkm", "lm2"):
             total += 2 * m.d_model * length
         elif name == "swa":

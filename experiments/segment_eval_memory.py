@@ -53,11 +53,11 @@ def measure(name: str, length: int, segment: int, one_call: bool) -> dict:
     from flax import nnx
 
     from memjax import config, segments
-    from memjax.models import lm
+    from memjax.models import factory
 
     cfg = model_config(name, segment)
     config.validate(cfg)
-    graphdef, params = lm.build(cfg.model, 256, jax.random.key(0))
+    graphdef, params = factory.build(cfg.model, 256, jax.random.key(0))
     ids = np.random.default_rng(0).integers(0, 256, (1, length + 1), dtype=np.int32)
     if one_call:
         logits, _ = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params, ids[:, :-1])

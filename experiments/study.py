@@ -159,7 +159,7 @@ def train(cfg, workdir: str) -> dict:
     from memjax import config, trainer
     from memjax.data import get_tokenizer
     from memjax.metrics import read_jsonl
-    from memjax.models import lm
+    from memjax.models import factory
 
     trainer.train(cfg, workdir)
     # The latest value of every metric: a run that had already finished (say, interrupted in its
@@ -168,9 +168,9 @@ def train(cfg, workdir: str) -> dict:
     for record in read_jsonl(os.path.join(workdir, "metrics.jsonl")):
         last.update(record)
     vocab_size = config.resolve_vocab_size(cfg.model, get_tokenizer(cfg.data, workdir).vocab_size)
-    params = lm.abstract(cfg.model, vocab_size)[1]
-    total = lm.count_params(params)
-    embedding = lm.count_params({k: v for k, v in params.items() if k in ("embed", "head")})
+    params = factory.abstract(cfg.model, vocab_size)[1]
+    total = factory.count_params(params)
+    embedding = factory.count_params({k: v for k, v in params.items() if k in ("embed", "head")})
     return {**{k: float(v) for k, v in last.items() if k != "step"}, "params": total,
             "non_embedding_params": total - embedding}
 
@@ -226,10 +226,6 @@ def set_mixer(cfg, mixer: str, *, window: int, memory: dict | None = None, **set
             {"pattern": VALUES_PATTERN, "lr_mult": 4.0, "weight_decay": 0.0})
     if block.startswith("titans"):
         cfg.model[block].update({"window": window, "heads": cfg.model.num_heads})
-        # The memory's gate biases and norm scales are 2-D but are no matrices to decay (see
-        # configs/titans_lmm_quickstart.py).
-        cfg.optim.groups.titans_no_decay = ml_collections.ConfigDict(
-            {"pattern": r"/(gate_bias|out_norm|branch_norms)$", "lr_mult": 1.0, "weight_decay": 0.0})
 
 
 def pkm_forward_flops(model_cfg) -> float:

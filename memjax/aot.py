@@ -400,7 +400,7 @@ def abstract_batch(cfg, sharding) -> dict:
 def compile_train_step(cfg, devices, topology: str = "") -> AotReport:
     """Compiles the config's train step for `devices` (a topology's, or real ones) and reports memory."""
     from memjax import parallel, trainer
-    from memjax.models import lm
+    from memjax.models import factory
 
     run = trainer.setup(cfg, None, tokenizer=stand_in_tokenizer(cfg.data), devices=devices)
     mesh = run.mesh
@@ -420,7 +420,7 @@ def compile_train_step(cfg, devices, topology: str = "") -> AotReport:
     tokens = t.batch_size * t.seq_len * max(t.segments_per_step, 1)
     shards = int(np.prod([mesh.shape[axis] for axis in parallel.BATCH_AXES]))
     notes = [
-        f"model: {lm.count_params(state['params']) / 1e6:.1f}M parameters, {cfg.model.block_pattern}, "
+        f"model: {factory.count_params(state['params']) / 1e6:.1f}M parameters, {cfg.model.block_pattern}, "
         f"{cfg.model.dtype}, vocab {run.vocab_size}",
         f"batch: {t.batch_size} x {t.seq_len}" + (f" x {t.segments_per_step} segments" if t.segments_per_step else "")
         + f" = {tokens:,} tokens per step, {tokens // shards:,} per batch shard"

@@ -19,7 +19,7 @@ from ml_collections import config_flags
 
 from memjax import config, flops, parallel, trainer
 from memjax.data import ByteTokenizer
-from memjax.models import lm
+from memjax.models import factory
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (median is reported).")
@@ -55,11 +55,11 @@ def _benchmark(run, steps: int, warmup: int) -> dict[str, float]:
             peaks.append(flops.measure_matmul_peak(repeats=3))
     step_time = statistics.median(step_times)
     tokens_per_sec = cfg.train.batch_size * cfg.train.seq_len / step_time
-    flops_per_token = lm.flops_per_token(cfg.model, vocab, cfg.train.seq_len)
+    flops_per_token = factory.flops_per_token(cfg.model, vocab, cfg.train.seq_len)
     measured_peak = max(peaks) * run.mesh.size
     achieved = tokens_per_sec * flops_per_token
     result = {
-        "params": float(lm.count_params(state["params"])),
+        "params": float(factory.count_params(state["params"])),
         "step_time_s": step_time,
         "tokens_per_sec": tokens_per_sec,
         "model_flops_per_token": flops_per_token,

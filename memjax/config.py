@@ -8,6 +8,8 @@ built or compiled and raises one `ConfigError` naming the offending field.
 from __future__ import annotations
 
 import difflib
+import importlib.util
+import json
 import os
 import re
 import sys
@@ -52,20 +54,10 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.model.norm_eps = 1e-6
     cfg.model.init_std = 0.02
     cfg.model.dtype = "float32"  # compute dtype; parameters stay float32
-    for name, defaults in registry.block_defaults().items():
+    # Each block's settings and each wrapper's (e.g. `hmt`: the decoder wrapped in the Hierarchical Memory
+    # Transformer, off unless `enabled`), from their classes (memjax.models.registry).
+    for name, defaults in registry.config_sections().items():
         cfg.model[name] = ml_collections.ConfigDict(defaults)
-    # HMT (memjax.models.hmt): the decoder above wrapped in the Hierarchical Memory Transformer.
-    cfg.model.hmt = ml_collections.ConfigDict({
-        "enabled": False,
-        "segment_len": 128,  # L: new tokens per segment; train.seq_len must be a multiple of it
-        "sensory_tokens": 32,  # k: embeddings of the previous segment's last tokens prepended (0 = none)
-        "cache_size": 32,  # N: memory embeddings kept for the recall
-        "recall_dim": 256,  # h: width of the recall's query and key projections
-        "memory": True,  # memory tokens P_n around each segment (needed by the recall)
-        "recall": True,  # search the cache (stage 2); False: P_n is the learned P_0 (stage 1)
-        "causal": True,  # summarise the previous segment; False: the paper's own first half (leaks)
-        "bptt_segments": 0,  # gradients through at most this many segments of a call (0 = all)
-    })
 
     cfg.train = ml_collections.ConfigDict()
     cfg.train.seq_len = 256
@@ -259,12 +251,6 @@ def _one_of(value: str, options: tuple[str, ...], field: str) -> None:
     _require(value in options, field, f"{value!r} is not one of {list(options)}")
 
 
-def block_names(model_cfg) -> list[str]:
-    """The block name of every layer: the pattern cycled over num_layers."""
-    pattern = [name.strip() for name in model_cfg.block_pattern.split(",") if name.strip()]
-    return [pattern[i % len(pattern)] for i in range(model_cfg.num_layers)] if pattern else []
-
-
 def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None, num_slices: int = 1) -> None:
     """Raises ConfigError naming the first field that cannot work; with the device count (and slice
     count), also checks the mesh against them."""
@@ -282,10 +268,10 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None, num
     )
     _require((m.d_model // m.num_heads) % 2 == 0, "model.num_heads", "head dim must be even for RoPE")
     _one_of(m.dtype, COMPUTE_DTYPES, "model.dtype")
-    names = block_names(m)
+    names = registry.block_names(m)
     _require(bool(names), "model.block_pattern", "is empty")
     # Every name of the pattern, also those that num_layers never reaches: a typo there is still a typo.
-    for name in [n.strip() for n in m.block_pattern.split(",") if n.strip()]:
+    for name in registry.pattern_names(m):
         close = difflib.get_close_matches(name, list(registry.BLOCKS), n=1)
         _require(
             name in registry.BLOCKS,
@@ -295,10 +281,11 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None, num
         )
     for name in sorted(set(names)):
         registry.BLOCKS[name].validate(cfg, _require)
-    if m.hmt.enabled:
-        from memjax.models import hmt  # lazily: hmt imports this module
-
-        hmt.validate(cfg, _require)
+    wrappers = registry.enabled_wrappers(m)
+    _require(len(wrappers) <= 1, f"model.{wrappers[-1]}.enabled" if wrappers else "model",
+             f"only one wrapper can be enabled, got {wrappers}")
+    for name in wrappers:
+        registry.WRAPPERS[name].validate(cfg, _require)
 
     for field in ("seq_len", "batch_size", "grad_accum_steps", "steps", "log_every", "eval_every"):
         _require(t[field] > 0, f"train.{field}", f"must be positive, got {t[field]}")
@@ -393,6 +380,21 @@ def _validate_task(cfg) -> None:
         task_batches.build_task(d.task, cfg.train.seq_len, options, seed=cfg.seed)
     except ValueError as err:
         raise ConfigError(f"config.data.task_options: {d.task} at train.seq_len={cfg.train.seq_len}: {err}") from None
+
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+    """The config at `path`: a run directory's (its config.json, as the run was trained) or a config
+    file's (its `get_config()`)."""
+    if os.path.isdir(path):
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            return ml_collections.ConfigDict(json.load(f))
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or not os.path.isfile(path):
+        raise FileNotFoundError(f"no config file at {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def resolve_vocab_size(model_cfg, tokenizer_vocab: int) -> int:

@@ -2,7 +2,10 @@
 
 Every parameter belongs to one group: the first `optim.groups` entry whose regex matches its path
 ("blocks/0/mlp/up/kernel"), else "default". A group has its own learning-rate multiplier and weight
-decay. Weight decay only ever applies to matrices (ndim >= 2): norms' scales and biases are never decayed.
+decay. Weight decay only ever applies to matrices (ndim >= 2), and never to a parameter created with
+`decay=False` metadata (memjax.models.layers.param): a 2-D parameter that is no weight matrix (stacked
+gate biases or norm scales, an initial memory, persistent tokens) says so where it is created, whatever
+the config. Norms' scales and biases are never decayed.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import re
 
 import jax
 import optax
+from flax import nnx
+from flax.nnx import traversals
 
 DEFAULT_GROUP = "default"
 log = logging.getLogger("memjax")
@@ -63,18 +68,36 @@ def group_labels(optim_cfg, params) -> dict:
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make(optim_cfg, params, total_steps: int) -> optax.GradientTransformation:
+def decay_mask(model) -> dict:
+    """Whether weight decay applies to each parameter of `model` (an nnx module, abstract or not), as a
+    tree like its parameters' pure dict: matrices, unless marked `decay=False`."""
+    flat = {tuple(path): len(x.shape) >= 2 and x.get_metadata().get("decay", True)
+            for path, x in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return traversals.unflatten_mapping(flat)
+
+
+def weight_decays(optim_cfg, model) -> dict:
+    """The weight-decay rate each parameter of `model` gets (a tree like its parameters' pure dict): its
+    group's, or 0 where `decay_mask` exempts it."""
+    rates = {DEFAULT_GROUP: optim_cfg.weight_decay}
+    rates.update({name: g.weight_decay for name, g in optim_cfg.groups.items()})
+    labels = group_labels(optim_cfg, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    return jax.tree_util.tree_map(lambda label, decays: rates[label] if decays else 0.0, labels, decay_mask(model))
+
+
+def make(optim_cfg, model, total_steps: int) -> optax.GradientTransformation:
+    """The optimizer of `model`'s parameters (an nnx module, abstract or not: its structure, paths and
+    parameter metadata are read, not its values)."""
     lr = schedule(optim_cfg, total_steps)
     settings = {DEFAULT_GROUP: (1.0, optim_cfg.weight_decay)}
     settings.update({name: (g.lr_mult, g.weight_decay) for name, g in optim_cfg.groups.items()})
-
-    def decay_mask(tree):
-        return jax.tree_util.tree_map(lambda x: x.ndim >= 2, tree)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    decays = decay_mask(model)
 
     def group_tx(lr_mult: float, weight_decay: float) -> optax.GradientTransformation:
         return optax.chain(
             optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps),
-            optax.add_decayed_weights(weight_decay, mask=decay_mask),
+            optax.add_decayed_weights(weight_decay, mask=decays),
             optax.scale_by_learning_rate(lambda step: lr(step) * lr_mult),
         )
 

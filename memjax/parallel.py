@@ -3,8 +3,9 @@
 The mesh has three named axes, each split into a within-slice (ICI) and an across-slice (DCN) part:
 `data` (batch), `fsdp` (batch, and parameters/optimizer state split along their `embed`-like dimension)
 and `tensor` (heads, FFN width, vocabulary). Every parameter declares one logical axis name per dimension
-(`logical_axes` metadata); `RULES` maps each name onto mesh axes. A logical axis missing from the table is
-an error, never a silent replication. A dimension that the mapped mesh axes do not divide is replicated
+(`logical_axes` metadata); `RULES` maps the generic names onto mesh axes, each block adds the names only
+its parameters use (`axis_rules`, memjax.models.registry), and `rules(model_cfg)` is the whole table. A
+logical axis missing from the table is an error, never a silent replication. A dimension that the mapped mesh axes do not divide is replicated
 and reported once (`explain`).
 
 Computations that need the mesh at trace time (the sharded embedding bag, activation constraints) read
@@ -24,6 +25,8 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from memjax.models import registry
+
 log = logging.getLogger("memjax")
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -39,33 +42,6 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "heads": "tensor",
     "head_dim": None,
     "qkv": None,
-    "conv": None,
-    "gates": None,
-    "branch": None,
-    "persistent": None,
-    "feature_degree": None,
-    # A neural memory's initial weights per head: heads over `tensor` (the whole memory recurrence of
-    # a head then stays on its devices), each head's matrix whole.
-    "memory_in": None,
-    "memory_out": None,
-    # LM2's initial slot matrix: slots whole, width over fsdp like every weight's model-width dimension
-    # (all-gathered at use). Its square gate matrices split over fsdp only: split over fsdp x tensor, XLA
-    # partitions the write scan wrongly on a mesh with data, fsdp and tensor all > 1 (their gradients
-    # came out ~100% off; tests/test_sharding.py catches it).
-    "lm2_slots": None,
-    "lm2_width": "fsdp",
-    "lm2_width_out": None,
-    "pkm_heads": None,
-    "pkm_half": None,
-    "pkm_keys": None,
-    "pkm_key_dim": None,
-    "pkm_query": None,
-    "pkm_value": "tensor",
-    # The memory-layer value table follows model.pkm.value_shard_axis / value_shard_mode (see `rules`):
-    # the sharded embedding bag expects exactly that layout.
-    "value_rows": None,
-    "value_cols": None,
-    "hmt_recall": "tensor",
     # activations
     "act_batch": BATCH_AXES,
     "act_length": None,
@@ -83,11 +59,11 @@ class MissingRuleError(KeyError):
 
 
 def rules(model_cfg=None) -> dict:
-    """The rules table, with the value table's axes set from the model config."""
+    """The generic rules and those of the blocks and wrapper `model_cfg` uses (their `axis_rules`, set
+    from their settings where a layout is one); without a config, the generic rules alone."""
     table = dict(RULES)
-    pkm = model_cfg.get("pkm") if model_cfg is not None else None
-    if pkm is not None and pkm.value_shard_axis:
-        table["value_rows" if pkm.value_shard_mode == "rows" else "value_cols"] = pkm.value_shard_axis
+    if model_cfg is not None:
+        table.update(registry.sharding_rules(model_cfg))
     return table
 
 
@@ -161,7 +137,8 @@ def spec(shape, logical_axes, table: dict, mesh, *, where: str = "", replicated:
             out.append(None)
             continue
         if name not in table:
-            raise MissingRuleError(f"{where or 'array'}: logical axis {name!r} has no rule in memjax.parallel.RULES")
+            raise MissingRuleError(f"{where or 'array'}: logical axis {name!r} has no rule in memjax.parallel.RULES "
+                                   "or its block's axis_rules")
         target = table[name]
         axes = (target,) if isinstance(target, str) else tuple(target or ())
         axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1 and a not in used)

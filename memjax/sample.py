@@ -10,9 +10,9 @@ import jax.numpy as jnp
 from absl import app, flags
 from absl import logging as absl_logging
 
-from memjax import checkpoint, config, trainer
+from memjax import checkpoint, config
 from memjax.data import get_tokenizer
-from memjax.models import lm
+from memjax.models import factory
 from memjax.sampling import generate
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by memjax.train.")
@@ -28,10 +28,10 @@ flags.mark_flag_as_required("workdir")
 
 def sample_text(workdir: str, prompt: str, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
                 num_samples: int = 1, seed: int = 0, step: int | None = None) -> list[str]:
-    cfg = trainer.load_config(workdir)
+    cfg = config.load_config(workdir)
     tokenizer = get_tokenizer(cfg.data, workdir)
     vocab_size = config.resolve_vocab_size(cfg.model, tokenizer.vocab_size)
-    graphdef, abstract_params = lm.abstract(cfg.model, vocab_size)
+    graphdef, abstract_params = factory.abstract(cfg.model, vocab_size)
     params, _ = checkpoint.load_params(workdir, abstract_params, step)
     ids = tokenizer.encode(prompt)
     if len(ids) == 0:  # an empty prompt starts as a new document does: after an EOS

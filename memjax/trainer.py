@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -18,8 +17,8 @@ from tqdm import tqdm
 
 from memjax import checkpoint, config, flops, metrics, optim, parallel, reliability, segments
 from memjax.data import get_tokenizer, make_document_iterator, make_lm_iterator, task_batches
-from memjax.evaluate import TaskScorer
-from memjax.models import lm
+from memjax.tasks.scoring import TaskScorer
+from memjax.models import factory
 
 log = logging.getLogger("memjax")
 
@@ -62,23 +61,23 @@ def setup(cfg, workdir: str | None, tokenizer=None, devices=None) -> Run:
         if task_vocab > vocab_size:
             raise config.ConfigError(f"config.data.task_options: {cfg.data.task} draws token ids below {task_vocab}, "
                                      f"beyond the model's vocabulary of {vocab_size}; raise model.vocab_size")
-    graphdef, abstract_params = lm.abstract(cfg.model, vocab_size)
-    tx = optim.make(cfg.optim, abstract_params, cfg.train.steps)
+    graphdef, abstract_params = factory.abstract(cfg.model, vocab_size)
+    model = factory.abstract_model(cfg.model, vocab_size)
+    tx = optim.make(cfg.optim, model, cfg.train.steps)
     mesh = parallel.make_mesh(cfg.mesh, devices)
     run = Run(cfg, tokenizer, vocab_size, graphdef, tx, optim.schedule(cfg.optim, cfg.train.steps), mesh, {}, {})
-    model = nnx.eval_shape(lambda: lm.make_model(cfg.model, vocab_size, nnx.Rngs(params=0)))
     params_spec, replicated = parallel.param_specs(model, abstract_params, mesh, cfg.model)
     for message in replicated:
         log.warning("replicated, not sharded: %s", message)
     abstract = jax.eval_shape(lambda: init_state(run))  # traced once per run: it builds the whole model
     if workdir:
-        check_resume_structure(run, workdir, abstract)
+        check_resume_structure(run, workdir, abstract, model)
     run.shardings = parallel.named(mesh, parallel.state_specs(abstract, params_spec, mesh))
     run.abstract = parallel.with_shardings(abstract, run.shardings)
     return run
 
 
-def check_resume_structure(run: Run, workdir: str, abstract: dict) -> None:
+def check_resume_structure(run: Run, workdir: str, abstract: dict, model) -> None:
     """Before any restore: refuses a resume whose config gives the train state another structure than
     the one its checkpoints hold (e.g. optim.clip_norm switched off drops the clipping state, a new
     parameter group adds one), naming the settings that changed. Settings that keep the structure
@@ -93,7 +92,7 @@ def check_resume_structure(run: Run, workdir: str, abstract: dict) -> None:
 
     try:  # the saved config's train state, around the same parameters (the model config is checked equal)
         old_cfg = ml_collections.ConfigDict(saved)
-        old_tx = optim.make(old_cfg.optim, abstract["params"], old_cfg.train.steps)
+        old_tx = optim.make(old_cfg.optim, model, old_cfg.train.steps)
         old_run = Run(old_cfg, run.tokenizer, run.vocab_size, run.graphdef, old_tx,
                       optim.schedule(old_cfg.optim, old_cfg.train.steps), run.mesh, {}, {})
         old = jax.eval_shape(lambda p: init_state(old_run, p), abstract["params"])
@@ -118,7 +117,7 @@ def initial_state(run: Run, params=None) -> dict:
 def init_state(run: Run, params=None) -> dict:
     key = jax.random.key(run.cfg.seed)
     if params is None:
-        _, params = lm.build(run.cfg.model, run.vocab_size, key)
+        _, params = factory.build(run.cfg.model, run.vocab_size, key)
     state = {
         "params": params,
         "opt_state": run.tx.init(params),
@@ -316,8 +315,8 @@ def _train_locked(run: Run, workdir: str, train_iter, eval_batches) -> dict[str,
         state = initial_state(run)
     log.info("mesh %s over %d devices", dict(run.mesh.shape), run.mesh.size)
 
-    n_params = lm.count_params(state["params"])
-    flops_per_token = lm.flops_per_token(cfg.model, run.vocab_size, t.seq_len)
+    n_params = factory.count_params(state["params"])
+    flops_per_token = factory.flops_per_token(cfg.model, run.vocab_size, t.seq_len)
     peak, peak_source = flops.device_peak(cfg.model.dtype)
     peak *= run.mesh.size
     log.info("model: %s parameters, %.3g FLOPs/token; peak %.3g FLOP/s (%s)", f"{n_params:,}", flops_per_token, peak, peak_source)
@@ -366,7 +365,7 @@ def _train_locked(run: Run, workdir: str, train_iter, eval_batches) -> dict[str,
                     eval_carry = (initial_carry(run, state["params"], eval_batches[0]["inputs"].shape[0])
                                   if t.segments_per_step else None)
                     eval_metrics = evaluate(eval_fn, state["params"], eval_batches, eval_carry)
-                    eval_metrics.update(lm.eval_metrics(cfg.model, run.graphdef, state["params"], diagnostic_batches))
+                    eval_metrics.update(factory.eval_metrics(cfg.model, run.graphdef, state["params"], diagnostic_batches))
                     if scorer is not None:  # e.g. eval/mqar_accuracy
                         eval_metrics[f"eval/{scorer.metric}"] = scorer.score(state["params"], host_eval_batches)
                     writer.write(step, eval_metrics)
@@ -405,11 +404,3 @@ def _log_interval(writer, step, stats, elapsed, tokens_per_step, flops_per_token
     }
     writer.write(step, record)
     return record
-
-
-def load_config(workdir: str):
-    """The config a run in `workdir` was trained with."""
-    import ml_collections
-
-    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))

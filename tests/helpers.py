@@ -1,6 +1,15 @@
-"""Tiny seeded configs shared by the tests."""
+"""Tiny seeded configs shared by the tests, and the repository's config files."""
+
+import os
 
 from memjax.config import base_config
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def config_file(name: str) -> str:
+    """The path of configs/<name>.py (load it with memjax.config.load_config)."""
+    return os.path.join(CONFIGS, f"{name}.py")
 
 
 def tiny_config(**overrides):

@@ -15,8 +15,8 @@ from memjax import config, evaluate, parallel, trainer
 from memjax.data import ByteTokenizer
 from memjax.data.task_batches import parse_task_options
 from memjax.metrics import read_jsonl
-from memjax.models import lm
-from memjax.tasks import make_task, make_task_iterator, metrics, with_answer
+from memjax.models import factory
+from memjax.tasks import make_task, make_task_iterator, metrics, scoring, with_answer
 from memjax.tasks.facts import Facts
 from tests.helpers import tiny_config
 
@@ -108,7 +108,7 @@ def test_task_training_on_a_sharded_mesh(tmp_path):
 
 def test_scorer_matches_the_task_metrics():
     cfg = tiny_config()
-    graphdef, params = lm.build(cfg.model, 264, jax.random.key(1))
+    graphdef, params = factory.build(cfg.model, 264, jax.random.key(1))
     mesh = parallel.single_device_mesh()
     forward = jax.jit(lambda ids: nnx.merge(graphdef, params)(ids)[0])
     for name, length, options in (("mqar", 32, {"vocab_size": 64, "num_kv_pairs": 4}),
@@ -117,7 +117,7 @@ def test_scorer_matches_the_task_metrics():
                                   ("babi_qa6", 160, {"num_facts": 2})):
         task = make_task(name, length, **options)
         batch = next(make_task_iterator(task, batch_size=4))
-        correct, scored = evaluate.TaskScorer(graphdef, name, mesh, pad_id=EOS).counts(params, batch)
+        correct, scored = scoring.TaskScorer(graphdef, name, mesh, pad_id=EOS).counts(params, batch)
         if name in ("mqar", "facts"):
             expected = metrics.mqar_accuracy(forward(batch["inputs"]), batch["targets"], batch["weights"])
         elif name.startswith("niah"):

@@ -1,8 +1,5 @@
 """HMT (memjax.models.hmt): the equivalences of the segment-memory spec, causality, BPTT, decoding, configs."""
 
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,10 +7,11 @@ import pytest
 from flax import nnx
 
 from memjax import config, segments, trainer
+from memjax.config import load_config
 from memjax.metrics import read_jsonl
-from memjax.models import hmt, lm
+from memjax.models import factory, hmt
 from memjax.sampling import generate
-from tests.helpers import tiny_config
+from tests.helpers import config_file, tiny_config
 
 VOCAB = 64
 SEG = 8  # tiny configs: segments of 8 tokens, train.seq_len 32 = 4 segments
@@ -33,7 +31,7 @@ def build(cfg, x64=False):
     """Graph definition and parameters; x64: float64 compute and parameters (call inside enable_x64)."""
     if x64:
         cfg.model.dtype = "float64"  # after validation, which allows the training dtypes only
-    graphdef, params = lm.build(cfg.model, VOCAB, jax.random.key(0))
+    graphdef, params = factory.build(cfg.model, VOCAB, jax.random.key(0))
     if x64:
         params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), params)
     return graphdef, params
@@ -43,7 +41,7 @@ def plain_backbone(cfg, params):
     """The DecoderLM of the same config without HMT, holding HMT's backbone parameters."""
     plain = cfg.model.copy_and_resolve_references()
     plain.hmt.enabled = False
-    graphdef, _ = lm.abstract(plain, VOCAB)
+    graphdef, _ = factory.abstract(plain, VOCAB)
     return nnx.merge(graphdef, params["backbone"])
 
 
@@ -144,13 +142,13 @@ def test_recall_diagnostics_by_distance_sum_to_one():
     cfg = hmt_config(cache_size=3)
     graphdef, params = build(cfg)
     batches = [{"inputs": ids_of(4 * SEG, seed=s)} for s in (1, 2)]
-    metrics = hmt.hmt_metrics(graphdef, params, batches)
+    metrics = hmt.HMT.eval_metrics(graphdef, params, batches)
     assert set(metrics) == {f"memory/hmt/recall_distance_{d}" for d in (1, 2, 3)}
     assert sum(metrics.values()) == pytest.approx(1.0, abs=1e-5)
     # Segment 1 can only recall distance 1: it holds at least a third of the mass.
     assert metrics["memory/hmt/recall_distance_1"] > metrics["memory/hmt/recall_distance_3"]
     assert not nnx.merge(graphdef, params).record
-    assert hmt.hmt_metrics(*build(hmt_config(recall=False)), batches) == {}
+    assert hmt.HMT.eval_metrics(*build(hmt_config(recall=False)), batches) == {}
 
 
 @pytest.mark.parametrize("bptt, reached", [
@@ -305,43 +303,37 @@ def test_validation_names_the_field(key, value, message):
         hmt_config(**{key: value})
 
 
-def load_config(name):
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def test_paper_config_validates_and_builds_abstractly_with_the_papers_parameter_overhead():
-    cfg = load_config("hmt_paper")
+    cfg = load_config(config_file("hmt_paper"))
     config.validate(cfg)
-    _, shapes = lm.abstract(cfg.model, cfg.model.vocab_size)
-    total = lm.count_params(shapes)
-    backbone = lm.count_params(shapes["backbone"])
+    _, shapes = factory.abstract(cfg.model, cfg.model.vocab_size)
+    total = factory.count_params(shapes)
+    backbone = factory.count_params(shapes["backbone"])
     assert 330e6 < backbone < 380e6, backbone  # OPT-350M-sized
     assert 0.005 <= (total - backbone) / backbone <= 0.02  # the paper's 0.5-2% extra parameters
-    assert hmt.flops_per_token(cfg.model, cfg.model.vocab_size, cfg.train.seq_len) > 6 * backbone
+    assert hmt.HMT.flops_per_token(cfg.model, cfg.model.vocab_size, cfg.train.seq_len) > 6 * backbone
 
 
 def test_quickstart_config_validates_and_builds():
-    cfg = load_config("hmt_quickstart")
+    cfg = load_config(config_file("hmt_quickstart"))
     config.validate(cfg)
     assert cfg.data.tokenizer == "byte" and cfg.train.seq_len % cfg.model.hmt.segment_len == 0
-    _, shapes = lm.abstract(cfg.model, 264)
+    _, shapes = factory.abstract(cfg.model, 264)
     assert set(shapes) == {"backbone", "summary_token", "memory_init", "recall_query", "recall_key"}
     cfg.model.hmt.recall = False  # stage 1: the same parameters, so stage 2 can start from its checkpoint
-    assert jax.tree_util.tree_structure(lm.abstract(cfg.model, 264)[1]) == jax.tree_util.tree_structure(shapes)
+    assert jax.tree_util.tree_structure(factory.abstract(cfg.model, 264)[1]) == jax.tree_util.tree_structure(shapes)
 
 
 def test_flops_with_everything_off_are_the_backbones_on_one_segment():
     cfg = hmt_config(memory=False, sensory_tokens=0, recall=False)
     plain = cfg.model.copy_and_resolve_references()
     plain.hmt.enabled = False
-    assert hmt.flops_per_token(cfg.model, VOCAB, 32) == pytest.approx(lm.flops_per_token(plain, VOCAB, SEG))
-    full = hmt.flops_per_token(hmt_config().model, VOCAB, 32)
+    assert hmt.HMT.flops_per_token(cfg.model, VOCAB, 32) == pytest.approx(factory.flops_per_token(plain, VOCAB, SEG))
+    full = hmt.HMT.flops_per_token(hmt_config().model, VOCAB, 32)
     # Memory encoding on 8 + 2 + 2 positions, representation encoding on 4 + 2, per 8 new tokens.
-    assert 1.5 < full / lm.flops_per_token(plain, VOCAB, SEG) < 2.5
+    assert 1.5 < full / factory.flops_per_token(plain, VOCAB, SEG) < 2.5
 
 
 def test_a_tiny_hmt_trains_through_the_trainer(tmp_path):

@@ -16,8 +16,8 @@ from jax.sharding import AxisType
 from memjax import aot, config
 from memjax.kernels import dispatch
 from memjax.kernels.neural_memory import api
-from memjax.memory import engine
-from memjax.models import lm
+from memjax.kernels.neural_memory import engine
+from memjax.models import factory
 from tests.helpers import tiny_config
 
 needs_libtpu = pytest.mark.skipif(not aot.libtpu_available(),
@@ -183,7 +183,7 @@ def test_model_with_the_kernel_equals_the_reference_loss_and_gradients():
                      "model.titans_mal.persistent_tokens": 2, "model.titans_mal.kernel": kernel}
         cfg = tiny_config(**overrides)
         config.validate(cfg)
-        graphdef, params = lm.build(cfg.model, 64, jax.random.key(0))
+        graphdef, params = factory.build(cfg.model, 64, jax.random.key(0))
         ids = jax.random.randint(jax.random.key(1), (2, 20), 0, 64)  # 2 persistent + 19 inputs: a ragged tail
 
         def loss(params):

@@ -18,7 +18,7 @@ from memjax import aot, config
 from memjax.kernels import dispatch
 from memjax.kernels.pkm_lookup import api, pallas_gpu, pallas_tpu, reference
 from memjax.memory import bag
-from memjax.models import lm
+from memjax.models import factory
 from tests.helpers import tiny_config
 
 TARGETS = ["tpu", "gpu"]
@@ -130,7 +130,7 @@ def test_pkm_model_with_the_kernel_equals_the_reference(monkeypatch):
                          "model.pkm.n_keys": 8, "model.pkm.k": 3, "model.pkm.k_dim": 8, "model.pkm.v_dim": V,
                          "model.pkm.kernel": "pallas"})
     config.validate(cfg)
-    graphdef, shapes = lm.abstract(cfg.model, 64)
+    graphdef, shapes = factory.abstract(cfg.model, 64)
     # Random parameters from numpy: the model's own initialisation compiles for seconds and is not tested here.
     rng = np.random.default_rng(5)
     params = jax.tree_util.tree_map(lambda s: jnp.asarray(0.5 * rng.normal(size=s.shape), s.dtype), shapes)

@@ -1,9 +1,6 @@
 """The LM2 block (memjax.memory.lm2): the equivalences of the segment-memory spec, strict causality of the
 segment writes, carried state, validation, FLOPs, a smoke train and the configs."""
 
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,12 +8,12 @@ import pytest
 from flax import nnx
 
 from memjax import config, trainer
+from memjax.config import load_config
 from memjax.memory import lm2
 from memjax.metrics import read_jsonl
-from memjax.models import lm
-from tests.helpers import split_and_decoded_logits, tiny_config
+from memjax.models import factory, lm, registry
+from tests.helpers import config_file, split_and_decoded_logits, tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 64
 # Memory kernels and their number of input dims; `build` re-draws them at unit gain so that the memory
 # path moves the outputs by O(1), well above the tolerances (at init_std it is ~1e-4).
@@ -43,7 +40,7 @@ def build(cfg, *, float64=False, loud=True, seed=0):
     if float64:
         cfg.model.dtype = "float64"  # after validation: a test-only compute dtype
     with jax.enable_x64(False):  # float32 parameters as always (and their init programs compiled once)
-        graphdef, params = lm.build(cfg.model, VOCAB, jax.random.key(seed))
+        graphdef, params = factory.build(cfg.model, VOCAB, jax.random.key(seed))
     if loud:
         rng = np.random.default_rng(seed)
         for block in params["blocks"].values():
@@ -248,18 +245,17 @@ def test_flops_count_attention_read_write_and_the_slot_side_projections():
     # 32 tokens = 8 segments of 4: each segment moves its 3 slots through the slot-side projections.
     expected = 12.0 * d * 32 + 2 * 12.0 * d * 3 + 6.0 * slot_params * (3 * 8 / 32 - 1.0)
     assert base == pytest.approx(expected)
-    model_flops = lm.flops_per_token(m, VOCAB, 32)
+    model_flops = factory.flops_per_token(m, VOCAB, 32)
     assert np.isfinite(model_flops) and model_flops > 0
 
 
-@pytest.mark.skipif("lm2_slots" not in lm.NON_MATMUL_AXES, reason="lm2_slots not yet in NON_MATMUL_AXES")
 def test_model_flops_do_not_count_the_initial_memory_as_a_matmul():
     cfg = lm2_config()
-    _, params = lm.build(cfg.model, VOCAB, jax.random.key(0))
+    _, params = factory.build(cfg.model, VOCAB, jax.random.key(0))
     leaves = [(jax.tree_util.keystr(path), x) for path, x in jax.tree_util.tree_leaves_with_path(params)]
     matmul = sum(x.size for path, x in leaves if x.ndim >= 2 and "initial_memory" not in path)
     per_block = lm2.LM2Block.flops_per_token(cfg.model, 32)
-    assert lm.flops_per_token(cfg.model, VOCAB, 32) == pytest.approx(6 * matmul + cfg.model.num_layers * per_block)
+    assert factory.flops_per_token(cfg.model, VOCAB, 32) == pytest.approx(6 * matmul + cfg.model.num_layers * per_block)
 
 
 def test_gradients_reach_every_parameter():
@@ -277,7 +273,7 @@ def test_every_parameter_has_logical_axes_and_m0_is_identity_like():
         axes = leaf.get_metadata().get("logical_axes")
         assert axes and len(axes) == len(leaf.shape), path
     assert model.blocks[0].initial_memory.get_metadata()["logical_axes"] == ("lm2_slots", "lm2_width")
-    _, params = lm.build(cfg.model, VOCAB, jax.random.key(0))
+    _, params = factory.build(cfg.model, VOCAB, jax.random.key(0))
     m0 = np.asarray(params["blocks"][0]["initial_memory"])
     np.testing.assert_array_equal(m0, 0.5 * np.eye(5)[np.arange(7) % 5])
 
@@ -286,7 +282,7 @@ def test_gate_diagnostics_per_layer():
     cfg = lm2_config(**{"model.block_pattern": "attention,lm2"})
     graphdef, params = build(cfg, loud=False)
     ids = jax.random.randint(jax.random.key(9), (2, 16), 0, VOCAB)
-    metrics = lm.eval_metrics(cfg.model, graphdef, params, [{"inputs": ids}, {"inputs": ids}])
+    metrics = factory.eval_metrics(cfg.model, graphdef, params, [{"inputs": ids}, {"inputs": ids}])
     assert set(metrics) == {f"memory/layer1/{gate}" for gate in lm2.GATES}
     for gate in lm2.GATES:  # at initialisation every gate is near its configured value
         assert metrics[f"memory/layer1/{gate}"] == pytest.approx(0.5, abs=0.05)
@@ -311,33 +307,26 @@ def test_a_tiny_model_trains_and_logs_its_gates(tmp_path):
 # --- configs ------------------------------------------------------------------------------------
 
 
-def load_config(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def test_quickstart_is_cpu_sized_and_validates():
-    cfg = load_config("lm2_quickstart")
+    cfg = load_config(config_file("lm2_quickstart"))
     config.validate(cfg)
     m, t = cfg.model, cfg.train
-    assert config.block_names(m) == ["lm2"] * 4
+    assert registry.block_names(m) == ["lm2"] * 4
     assert (m.d_model, m.dtype, cfg.data.tokenizer, t.seq_len) == (128, "float32", "byte", 256)
-    flops = lm.flops_per_token(m, 264, t.seq_len)
+    flops = factory.flops_per_token(m, 264, t.seq_len)
     assert np.isfinite(flops) and flops > 0
 
 
 def test_paper_config_builds_abstractly_at_its_size():
-    cfg = load_config("lm2_paper")
+    cfg = load_config(config_file("lm2_paper"))
     config.validate(cfg)
     m = cfg.model
     assert (m.d_model, m.num_layers, m.num_heads, m.d_ff) == (2048, 16, 32, 8192)
     assert (m.lm2.slots, m.lm2.slot_width) == (2048, 2048)
     assert cfg.data.tokenizer == "bpe" and cfg.data.bpe_vocab_size == 32768 and cfg.train.seq_len == 4096
-    _, params = lm.abstract(m, 32768)
+    _, params = factory.abstract(m, 32768)
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(params))
-    n = lm.count_params(params)
+    n = factory.count_params(params)
     assert 1.85e9 < n < 2.05e9, f"{n:,} parameters"
-    flops = lm.flops_per_token(m, 32768, cfg.train.seq_len)
+    flops = factory.flops_per_token(m, 32768, cfg.train.seq_len)
     assert np.isfinite(flops) and flops > 6 * (n - 32768 * m.d_model - 16 * 2048 * 2048)

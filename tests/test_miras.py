@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from memjax.memory import engine, neural, titans
+from memjax.kernels.neural_memory import engine
+from memjax.memory import neural, titans
 from tests.test_titans import (VOCAB, assert_calls_equal_one_call, assert_trees_close, build, random_problem,
                                run_engine, variant_config)
 

@@ -2,19 +2,16 @@
 build abstractly at their stated sizes, and every family trains with its loss falling and its memory
 diagnostics logged at evaluation."""
 
-import importlib.util
-import os
-
 import jax
 import numpy as np
 import pytest
 
 from memjax import config, trainer
+from memjax.config import load_config
 from memjax.metrics import read_jsonl
-from memjax.models import lm
-from tests.helpers import tiny_config
+from memjax.models import factory, registry
+from tests.helpers import config_file, tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ("atlas", "moneta", "yaad", "memora")
 QUICKSTARTS = tuple(f"{name}_quickstart" for name in FAMILIES)
 # name -> parameter range of the paper-shaped configs (d_model 1024, 22 layers of the block alone).
@@ -28,27 +25,20 @@ PAPER_VOCAB = 32768
 BYTE_VOCAB = 264  # 256 bytes + end of document, rounded up to a multiple of 8
 
 
-def load_config(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def memory_blocks(cfg) -> set[str]:
-    return set(config.block_names(cfg.model)) & set(FAMILIES)
+    return set(registry.block_names(cfg.model)) & set(FAMILIES)
 
 
 @pytest.mark.parametrize("name", QUICKSTARTS)
 def test_quickstart_validates_and_uses_its_block(name):
-    cfg = load_config(name)
+    cfg = load_config(config_file(name))
     config.validate(cfg)
     assert memory_blocks(cfg) == {name[: -len("_quickstart")]}
     # CPU-sized like configs/quickstart.py: byte-level, float32, seq_len 256, a small model.
     m, t = cfg.model, cfg.train
     assert m.dtype == "float32" and cfg.data.tokenizer == "byte" and t.seq_len == 256
     assert m.d_model <= 192 and m.num_layers <= 6
-    flops = lm.flops_per_token(m, BYTE_VOCAB, t.seq_len)
+    flops = factory.flops_per_token(m, BYTE_VOCAB, t.seq_len)
     assert np.isfinite(flops) and flops > 0
 
 
@@ -56,31 +46,31 @@ def test_quickstart_validates_and_uses_its_block(name):
 def test_paper_config_builds_abstractly_at_its_size(name):
     low, high = PAPER[name]
     block = name[: -len("_340m")]
-    cfg = load_config(name)
+    cfg = load_config(config_file(name))
     config.validate(cfg)
     m = cfg.model
     assert (m.d_model, m.num_heads) == (1024, 16)
-    assert config.block_names(m) == [block] * m.num_layers
+    assert registry.block_names(m) == [block] * m.num_layers
     assert m[block].hybrid == "none"
     assert m.dtype == "bfloat16" and cfg.train.seq_len == 4096
     assert cfg.data.tokenizer == "bpe" and cfg.data.bpe_vocab_size == PAPER_VOCAB
     o = cfg.optim
     assert (o.lr, o.schedule, o.weight_decay) == (4e-4, "cosine", 0.1)
 
-    _, params = lm.abstract(m, PAPER_VOCAB)
+    _, params = factory.abstract(m, PAPER_VOCAB)
     leaves = jax.tree_util.tree_leaves(params)
     assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)  # nothing allocated
-    n = lm.count_params(params)
+    n = factory.count_params(params)
     assert low < n < high, f"{name}: {n:,} parameters"
 
-    flops = lm.flops_per_token(m, PAPER_VOCAB, cfg.train.seq_len)
+    flops = factory.flops_per_token(m, PAPER_VOCAB, cfg.train.seq_len)
     assert np.isfinite(flops) and flops > 0
     assert flops > 0.9 * 6 * n  # at least the matmuls' work (all but the memories' initial states)
 
 
 def test_atlas_paper_config_keeps_its_feature_width_small():
     """64 memory heads of width 16: phi(k) has 1 + 16 + 16^2 = 273 features (16 heads would give 4,161)."""
-    m = load_config("atlas_340m").model
+    m = load_config(config_file("atlas_340m")).model
     p = m.atlas
     assert (p.optimizer, p.feature_degree, p.omega_window) == ("muon", 2, 4)
     head_dim = m.d_model // p.heads

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from memjax.models import layers, lm
+from memjax.models import factory, layers
 from tests.helpers import tiny_config
 
 VOCAB = 64
@@ -12,7 +12,7 @@ VOCAB = 64
 
 def make_model(**overrides):
     cfg = tiny_config(**overrides)
-    graphdef, params = lm.build(cfg.model, VOCAB, jax.random.key(0))
+    graphdef, params = factory.build(cfg.model, VOCAB, jax.random.key(0))
     return nnx.merge(graphdef, params), cfg
 
 
@@ -106,10 +106,10 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
 
 def test_untied_head_and_flops_count():
     cfg = tiny_config(**{"model.tie_embeddings": False})
-    _, params = lm.build(cfg.model, VOCAB, jax.random.key(0))
+    _, params = factory.build(cfg.model, VOCAB, jax.random.key(0))
     assert params["head"]["kernel"].shape == (cfg.model.d_model, VOCAB)
     d, layers_, ff = 32, 2, layers.swiglu_width(32, 0)
     matmuls = layers_ * (4 * d * d + 3 * d * ff) + d * VOCAB
-    assert lm.flops_per_token(cfg.model, VOCAB, 32) == 6 * matmuls + layers_ * 12 * d * 32
+    assert factory.flops_per_token(cfg.model, VOCAB, 32) == 6 * matmuls + layers_ * 12 * d * 32
     cfg.model.block_pattern = "swa"
-    assert lm.flops_per_token(cfg.model, VOCAB, 32) == 6 * matmuls + layers_ * 12 * d * 8
+    assert factory.flops_per_token(cfg.model, VOCAB, 32) == 6 * matmuls + layers_ * 12 * d * 8

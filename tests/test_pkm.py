@@ -1,8 +1,5 @@
 """Product-key memory: selection, the embedding bag, the sharded table, the block and its configs."""
 
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,14 +8,14 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from memjax import config, optim, trainer
+from memjax.config import load_config
 from memjax.kernels.pkm_lookup import reference as bag_reference
 from memjax.memory import bag, pkm
 from memjax.metrics import read_jsonl
-from memjax.models import attention, lm
-from tests.helpers import tiny_config
+from memjax.models import attention, factory
+from tests.helpers import config_file, tiny_config
 
 VOCAB = 64
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKM = {"model.pkm.heads": 2, "model.pkm.n_keys": 8, "model.pkm.k": 4, "model.pkm.k_dim": 8}
 
 
@@ -29,7 +26,7 @@ def pkm_config(**overrides):
 def make_model(**overrides):
     cfg = pkm_config(**overrides)
     config.validate(cfg)
-    graphdef, params = lm.build(cfg.model, VOCAB, jax.random.key(0))
+    graphdef, params = factory.build(cfg.model, VOCAB, jax.random.key(0))
     return nnx.merge(graphdef, params), cfg
 
 
@@ -38,13 +35,6 @@ def jitted(model):
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda state, ids, states: nnx.merge(graphdef, state)(ids, states))
     return lambda ids, states=None: forward(state, ids, states)
-
-
-def load_config(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 # --- selection ---------------------------------------------------------------------------------
@@ -213,7 +203,7 @@ def test_one_value_table_shared_by_all_memory_layers():
     tables = [path for path in flat if path.endswith("values/table")]
     assert tables == ["blocks/0/memory/values/table"] and flat[tables[0]].shape == (64, 32)
     assert model.blocks[0].memory.values is model.blocks[2].memory.values
-    assert optim.group_labels(load_config("pkm_quickstart").optim, nnx.to_pure_dict(params))["blocks"][0]["memory"][
+    assert optim.group_labels(load_config(config_file("pkm_quickstart")).optim, nnx.to_pure_dict(params))["blocks"][0]["memory"][
         "values"]["table"] == "pkm_values"
 
     # Gradient of the shared leaf = the sum of the gradients each layer gives its own copy.
@@ -233,11 +223,11 @@ def test_one_value_table_shared_by_all_memory_layers():
 
     # Fresh per model: another key gives another table, the same key the same one (no global state).
     def table(seed):
-        return lm.build(cfg.model, VOCAB, jax.random.key(seed))[1]["blocks"][0]["memory"]["values"]["table"]
+        return factory.build(cfg.model, VOCAB, jax.random.key(seed))[1]["blocks"][0]["memory"]["values"]["table"]
 
     assert not np.allclose(table(1), table(2))
     np.testing.assert_array_equal(table(1), table(1))
-    assert lm.count_params(nnx.to_pure_dict(params)) == sum(int(np.prod(x.shape)) for x in flat.values())
+    assert factory.count_params(nnx.to_pure_dict(params)) == sum(int(np.prod(x.shape)) for x in flat.values())
 
 
 def test_memory_plus_with_zero_output_projection_leaves_only_attention():
@@ -310,7 +300,7 @@ def test_flops_count_the_bag_not_the_value_table():
     matmuls = (4 * d * d + 3 * d * ff) + 4 * d * d + memory_matmuls + VOCAB * d  # attention, pkm, tied head
     pairs = 8  # (a+1)(b+1) <= k=4 of the 4 x 4 half top-k pairs
     extra = 2 * 12 * d * 32 + 6 * h * k * d + h * (2 * n + 2 * pairs + 5 * k)
-    assert lm.flops_per_token(cfg.model, VOCAB, 32) == 6 * matmuls + extra
+    assert factory.flops_per_token(cfg.model, VOCAB, 32) == 6 * matmuls + extra
 
 
 # --- diagnostics ---------------------------------------------------------------------------------
@@ -349,7 +339,7 @@ def test_slot_usage_counts_every_selection_of_an_eval_batch():
     assert 0 < metrics["memory/slots_hit_fraction"] <= 1 and metrics["memory/slot_usage_kl"] >= 0
     assert metrics == pytest.approx(pkm.usage_metrics(jax.tree_util.tree_map(lambda x: 2 * x, usage)))
     assert not model.blocks[0].memory.record_slots  # the caller's model is untouched
-    plain = lm.build(tiny_config().model, VOCAB, jax.random.key(0))
+    plain = factory.build(tiny_config().model, VOCAB, jax.random.key(0))
     assert pkm.slot_usage_metrics(*plain, [{"inputs": ids}]) == {}
 
 
@@ -357,23 +347,23 @@ def test_slot_usage_counts_every_selection_of_an_eval_batch():
 
 
 def test_configs_validate_and_the_paper_config_builds_abstractly():
-    config.validate(load_config("pkm_quickstart"))
-    cfg = load_config("pkm_paper")
+    config.validate(load_config(config_file("pkm_quickstart")))
+    cfg = load_config(config_file("pkm_paper"))
     config.validate(cfg)
-    _, params = lm.abstract(cfg.model, 32768)
+    _, params = factory.abstract(cfg.model, 32768)
     memory_layers = [i for i, block in params["blocks"].items() if "memory" in block]
     assert memory_layers == [3, 7, 11]
     table = params["blocks"][3]["memory"]["values"]["table"]
     assert table.shape == (1024**2, cfg.model.d_model) and table.dtype == jnp.float32
     assert params["blocks"][3]["memory"]["keys"].shape == (4, 2, 1024, 256)
-    assert 1.2e9 < lm.count_params(params) < 1.3e9  # the 1.07B-parameter table counted once
+    assert 1.2e9 < factory.count_params(params) < 1.3e9  # the 1.07B-parameter table counted once
     # The table is a lookup: it adds nothing like 6 x 1.07e9 FLOPs per token.
-    assert lm.flops_per_token(cfg.model, 32768, cfg.train.seq_len) < 2e9
+    assert factory.flops_per_token(cfg.model, 32768, cfg.train.seq_len) < 2e9
 
 
 def test_a_pkm_config_trains_and_its_loss_falls(tmp_path):
     cfg = pkm_config(**{"train.steps": 40, "train.eval_every": 20, "train.checkpoint_every": 0})
-    cfg.optim.groups.pkm_values = load_config("pkm_quickstart").optim.groups.pkm_values
+    cfg.optim.groups.pkm_values = load_config(config_file("pkm_quickstart")).optim.groups.pkm_values
     trainer.train(cfg, str(tmp_path))
     records = read_jsonl(str(tmp_path / "metrics.jsonl"))
     train_losses = [r["learning/loss"] for r in records if "learning/loss" in r]

@@ -16,7 +16,7 @@ from memjax import checkpoint, trainer
 from memjax.checkpoint import CheckpointError, verify_integrity
 from memjax.config import ConfigError
 from memjax.metrics import read_jsonl
-from memjax.models import lm
+from memjax.models import factory
 from memjax.reliability import NonFiniteError, WorkdirLock
 from tests.helpers import tiny_config
 
@@ -26,7 +26,7 @@ BASE = {"train.steps": STEPS, "train.log_every": 1, "train.eval_every": 1000, "t
 
 
 def params_of(workdir, cfg):
-    return checkpoint.load_params(str(workdir), lm.abstract(cfg.model, 264)[1])
+    return checkpoint.load_params(str(workdir), factory.abstract(cfg.model, 264)[1])
 
 
 def assert_same_params(a, b):

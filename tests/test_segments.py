@@ -11,7 +11,7 @@ from flax import nnx
 from memjax import config, segments, trainer
 from memjax.data import ByteTokenizer, make_document_iterator
 from memjax.metrics import read_jsonl
-from memjax.models import lm
+from memjax.models import factory
 from tests.helpers import tiny_config
 
 
@@ -113,7 +113,7 @@ def test_long_input_in_segments_equals_one_call(block, settings):
         block, overrides = "attention", {"model.hmt.enabled": True, "model.hmt.segment_len": 16,
                                          "model.hmt.sensory_tokens": 4, "model.hmt.cache_size": 3}
     cfg = tiny_config(**{"model.block_pattern": block, **overrides})
-    graphdef, params = lm.build(cfg.model, 64, jax.random.key(0))
+    graphdef, params = factory.build(cfg.model, 64, jax.random.key(0))
     ids = jax.random.randint(jax.random.key(1), (2, 61), 0, 64)
     logits, _ = nnx.merge(graphdef, params)(ids[:, :-1])
     one_call = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:])

@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from memjax import checkpoint, config, parallel, trainer
 from memjax.data import ByteTokenizer
-from memjax.models import lm, registry
+from memjax.models import factory, registry
 from tests.helpers import tiny_config
 
 MESHES = {
@@ -78,7 +78,7 @@ def loss_and_grads(configs: dict):
         return sum(out.values()), out
 
     def build():
-        return {name: lm.build(c.model, runs[name].vocab_size, jax.random.key(0))[1] for name, c in configs.items()}
+        return {name: factory.build(c.model, runs[name].vocab_size, jax.random.key(0))[1] for name, c in configs.items()}
 
     with jax.set_mesh(mesh):
         params = jax.jit(build, out_shardings=params_sharding)()
@@ -138,11 +138,11 @@ def all_blocks_model(**overrides):
     cfg = tiny_config(**{"model.block_pattern": ",".join(names), "model.num_layers": len(names),
                          "model.titans_mag.window": 16, "model.titans_mal.window": 16, "model.lm2.segment": 16,
                          **overrides})
-    return cfg, nnx.eval_shape(lambda: lm.make_model(cfg.model, 256, nnx.Rngs(params=0)))
+    return cfg, nnx.eval_shape(lambda: factory.make_model(cfg.model, 256, nnx.Rngs(params=0)))
 
 
 def test_every_parameter_of_every_block_has_a_rule_and_every_rule_is_used():
-    used = set()
+    used, rules = set(), set(parallel.RULES)
     for hmt in (False, True):
         cfg, model = all_blocks_model(**({"model.hmt.enabled": True, "model.hmt.segment_len": 16} if hmt else {}))
         axes = parallel.logical_axes(model)  # raises if a parameter declares none
@@ -150,9 +150,21 @@ def test_every_parameter_of_every_block_has_a_rule_and_every_rule_is_used():
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         mesh = parallel.make_mesh(with_mesh(cfg, MESHES["mixed"]).mesh)
         parallel.param_specs(model, params, mesh, cfg.model)  # raises MissingRuleError on a gap
+        rules.update(parallel.rules(cfg.model))
     activations = {name for name in parallel.RULES if name.startswith("act_")}
-    assert used - set(parallel.RULES) == set()
-    assert set(parallel.RULES) - used - activations == set(), "rules no parameter uses (a typo?)"
+    assert used - rules == set()
+    assert rules - used - activations == set(), "rules no parameter uses (a typo?)"
+
+
+def test_block_axes_come_from_the_blocks_in_use_and_generic_ones_stay_generic():
+    cfg = tiny_config()
+    assert parallel.rules(cfg.model) == parallel.RULES  # attention only: nothing block-private
+    for name, cls in registry.load().items():
+        assert not set(cls.axis_rules) & set(parallel.RULES), f"{name} redefines a generic axis"
+    cfg.model.block_pattern = "attention,lm2"
+    assert set(parallel.rules(cfg.model)) == set(parallel.RULES) | set(registry.BLOCKS["lm2"].axis_rules)
+    cfg.model.hmt.enabled = True
+    assert parallel.rules(cfg.model)["hmt_recall"] == "tensor"
 
 
 def test_a_logical_axis_without_a_rule_is_an_error_naming_it(monkeypatch):
@@ -161,6 +173,10 @@ def test_a_logical_axis_without_a_rule_is_an_error_naming_it(monkeypatch):
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     mesh = parallel.make_mesh(with_mesh(cfg, MESHES["mixed"]).mesh)
     with pytest.raises(parallel.MissingRuleError, match=r"blocks/0/mlp/\w+/kernel: logical axis 'mlp' has no rule"):
+        parallel.param_specs(model, params, mesh, cfg.model)
+    monkeypatch.delitem(registry.BLOCKS["lm2"].axis_rules, "lm2_slots")  # a block's own axis: the same error
+    monkeypatch.setitem(parallel.RULES, "mlp", "tensor")
+    with pytest.raises(parallel.MissingRuleError, match=r"initial_memory: logical axis 'lm2_slots' has no rule"):
         parallel.param_specs(model, params, mesh, cfg.model)
 
 

@@ -8,8 +8,9 @@ from flax import nnx
 from jax.test_util import check_grads
 
 from memjax import config
-from memjax.memory import engine, titans
-from memjax.models import lm
+from memjax.kernels.neural_memory import engine
+from memjax.memory import titans
+from memjax.models import factory
 from tests.helpers import split_and_decoded_logits, tiny_config
 
 VOCAB = 64
@@ -52,7 +53,7 @@ def random_problem(rng, spec, dim=4, length=12, initial_momentum=True):
 
 
 def reference_loop(spec, state, momentum, s, freeze_every):
-    """The recurrence token by token (see memjax.memory.engine); inner gradients, and qnorm's scale, at
+    """The recurrence token by token (see memjax.kernels.neural_memory.engine); inner gradients, and qnorm's scale, at
     the state of the last multiple of `freeze_every` tokens (1: the exact recurrence)."""
     a, m, ys = list(state), list(momentum), []
     history = spec.window - 1
@@ -260,7 +261,7 @@ def variant_config(name, **overrides):
 
 
 def build(cfg):
-    graphdef, params = lm.build(cfg.model, VOCAB, jax.random.key(0))
+    graphdef, params = factory.build(cfg.model, VOCAB, jax.random.key(0))
     return graphdef, params
 
 
@@ -393,4 +394,4 @@ def test_model_flops_count_the_engine_not_the_memory_initial_state_as_matmuls():
     leaves = [(jax.tree_util.keystr(path), x) for path, x in jax.tree_util.tree_leaves_with_path(params)]
     matmul = sum(x.size for path, x in leaves if x.ndim >= 2 and "initial_state" not in path and "persistent" not in path)
     per_block = titans.TitansLMM.flops_per_token(cfg.model, 32)
-    assert lm.flops_per_token(cfg.model, VOCAB, 32) == 6 * matmul + cfg.model.num_layers * per_block
+    assert factory.flops_per_token(cfg.model, VOCAB, 32) == 6 * matmul + cfg.model.num_layers * per_block

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from memjax import config, optim, trainer
+from memjax.config import load_config
 from memjax.metrics import read_jsonl
-from memjax.models import lm
-from tests.helpers import tiny_config
+from memjax.models import factory, registry
+from tests.helpers import config_file, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("titans_lmm", "titans_mag", "titans_mal", "titans_mac")
@@ -27,31 +28,24 @@ PAPER = {
 PAPER_VOCAB = 32768
 
 
-def load_config(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def titans_blocks(cfg) -> set[str]:
-    return set(config.block_names(cfg.model)) & set(VARIANTS)
+    return set(registry.block_names(cfg.model)) & set(VARIANTS)
 
 
-def assert_biases_and_scales_not_decayed(cfg, params):
-    """The memory's gate biases and norm scales are 2-D, so the optimizer's ndim >= 2 rule would decay
-    them; the configs put them in a group without decay. Matrices stay decayed."""
-    labels = optim.group_labels(cfg.optim, params)
-    decay = {name: group.weight_decay for name, group in cfg.optim.groups.items()}
+def assert_biases_and_scales_not_decayed(cfg, model):
+    """The memory's gate biases and norm scales are 2-D, so the optimizer's ndim >= 2 rule alone would
+    decay them; they are created with decay=False. Matrices stay decayed."""
     seen = set()
-    for path, label in jax.tree_util.tree_flatten_with_path(labels)[0]:
+    for path, rate in jax.tree_util.tree_flatten_with_path(optim.weight_decays(cfg.optim, model))[0]:
         name = optim.path_str(path)
         leaf = name.rsplit("/", 1)[-1]
-        if leaf in ("gate_bias", "out_norm", "branch_norms"):
+        if leaf in ("gate_bias", "out_norm", "branch_norms", "persistent"):
             seen.add(leaf)
-            assert decay.get(label, cfg.optim.weight_decay) == 0.0, name
+            assert rate == 0.0, name
         elif name.endswith("kernel") and "/memory/" in name:
-            assert decay.get(label, cfg.optim.weight_decay) > 0.0, name
+            assert rate > 0.0, name
     assert {"gate_bias", "out_norm"} <= seen
 
 
@@ -62,7 +56,7 @@ def test_every_titans_config_is_covered():
 
 @pytest.mark.parametrize("name", QUICKSTARTS)
 def test_quickstart_validates_and_uses_its_block(name):
-    cfg = load_config(name)
+    cfg = load_config(config_file(name))
     config.validate(cfg)
     block = name[: -len("_quickstart")]
     assert titans_blocks(cfg) == {block}
@@ -70,48 +64,59 @@ def test_quickstart_validates_and_uses_its_block(name):
     m, t = cfg.model, cfg.train
     assert m.dtype == "float32" and cfg.data.tokenizer == "byte" and t.seq_len == 256
     assert m.d_model <= 192 and m.num_layers <= 6
-    flops = lm.flops_per_token(m, 264, t.seq_len)
+    flops = factory.flops_per_token(m, 264, t.seq_len)
     assert np.isfinite(flops) and flops > 0
-    assert_biases_and_scales_not_decayed(cfg, lm.abstract(m, 264)[1])
+    assert_biases_and_scales_not_decayed(cfg, factory.abstract_model(m, 264))
+
+
+@pytest.mark.parametrize("block", VARIANTS)
+def test_any_config_with_a_titans_block_leaves_its_gates_undecayed(block):
+    """The decay exemption belongs to the parameters, not to a config: configs/quickstart.py, which
+    knows nothing of Titans, with a Titans block keeps weight decay off the memory's gate biases (decay
+    pulled them towards 0, and the forgetting gate alpha towards 0.5), norm scales and persistent tokens."""
+    cfg = load_config(config_file("quickstart"))
+    cfg.model.block_pattern = block
+    config.validate(cfg)
+    assert cfg.optim.weight_decay > 0
+    assert_biases_and_scales_not_decayed(cfg, factory.abstract_model(cfg.model, 264))
 
 
 @pytest.mark.parametrize("name", PAPER)
 def test_paper_config_builds_abstractly_at_its_size(name):
     (low, high), d_model, layers, heads = PAPER[name]
-    cfg = load_config(name)
+    cfg = load_config(config_file(name))
     config.validate(cfg)
     m = cfg.model
     assert (m.d_model, m.num_layers, m.num_heads) == (d_model, layers, heads)
-    assert config.block_names(m) == ["titans_mag"] * layers
+    assert registry.block_names(m) == ["titans_mag"] * layers
     assert m.dtype == "bfloat16" and cfg.train.seq_len == 4096
     assert cfg.data.tokenizer == "bpe" and cfg.data.bpe_vocab_size == PAPER_VOCAB
     o = cfg.optim
     assert (o.lr, o.schedule, o.weight_decay) == (4e-4, "cosine", 0.1)
 
-    _, params = lm.abstract(m, PAPER_VOCAB)
+    _, params = factory.abstract(m, PAPER_VOCAB)
     leaves = jax.tree_util.tree_leaves(params)
     assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)  # nothing allocated
-    n = lm.count_params(params)
+    n = factory.count_params(params)
     assert low < n < high, f"{name}: {n:,} parameters"
-    assert_biases_and_scales_not_decayed(cfg, params)
+    assert_biases_and_scales_not_decayed(cfg, factory.abstract_model(m, PAPER_VOCAB))
 
-    flops = lm.flops_per_token(m, PAPER_VOCAB, cfg.train.seq_len)
+    flops = factory.flops_per_token(m, PAPER_VOCAB, cfg.train.seq_len)
     assert np.isfinite(flops) and flops > 0
     assert flops > 6 * (n - PAPER_VOCAB * d_model)  # at least 6N over the non-embedding parameters
 
 
 @pytest.mark.parametrize("block", VARIANTS)
 def test_paper_config_takes_every_variant(block):
-    cfg = load_config("titans_170m")
+    cfg = load_config(config_file("titans_170m"))
     cfg.model.block_pattern = block
     config.validate(cfg)
-    flops = lm.flops_per_token(cfg.model, PAPER_VOCAB, cfg.train.seq_len)
+    flops = factory.flops_per_token(cfg.model, PAPER_VOCAB, cfg.train.seq_len)
     assert np.isfinite(flops) and flops > 0
 
 
 def quickstart_module():
-    """configs/titans_lmm_quickstart.py: MEMORY (the inner-loop settings the Titans configs share) and
-    NO_DECAY (their optimizer group)."""
+    """configs/titans_lmm_quickstart.py, for MEMORY: the inner-loop settings the Titans configs share."""
     spec = importlib.util.spec_from_file_location("titans_lmm_quickstart",
                                                   os.path.join(ROOT, "configs", "titans_lmm_quickstart.py"))
     module = importlib.util.module_from_spec(spec)
@@ -127,7 +132,6 @@ def tiny_titans_config(block, **overrides):
         "model.block_pattern": block, **memory, f"{p}.heads": 2, f"{p}.chunk": 4, f"{p}.window": 8,
         f"{p}.segment": 8, "train.steps": 40, "train.eval_every": 20, "train.checkpoint_every": 0, **overrides,
     })
-    cfg.optim.groups.titans_no_decay = shared.NO_DECAY
     return cfg
 
 

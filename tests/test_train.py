@@ -7,14 +7,14 @@ from flax import nnx
 from memjax import checkpoint, trainer
 from memjax.data import ByteTokenizer
 from memjax.metrics import read_jsonl
-from memjax.models import lm
+from memjax.models import factory
 from memjax.sample import sample_text
 from memjax.sampling import generate
 from tests.helpers import tiny_config
 
 
 def final_params(workdir, cfg):
-    _, abstract = lm.abstract(cfg.model, 264)
+    _, abstract = factory.abstract(cfg.model, 264)
     return checkpoint.load_params(str(workdir), abstract)
 
 
@@ -90,7 +90,7 @@ def test_init_from_starts_from_another_runs_parameters(trained, tmp_path):
 def test_greedy_decoding_equals_argmax_of_full_forward_passes(trained):
     workdir, cfg, _ = trained
     params, _ = final_params(workdir, cfg)
-    graphdef, _ = lm.abstract(cfg.model, 264)
+    graphdef, _ = factory.abstract(cfg.model, 264)
     prompt = jnp.asarray([list(b"def f(x):"), list(b"import os")], jnp.int32)
     out = generate(graphdef, params, prompt, jax.random.key(0), max_new_tokens=6)
     model = nnx.merge(graphdef, params)

@@ -42,9 +42,9 @@ State (see memjax.models.registry):
   each call alone and every call starts a segment, so train.seq_len must be a multiple of `segment`
   (checked by `validate` when train.segments_per_step > 0): a partial tail would never be written.
 
-Logical axes: "lm2_slots" (N; only M0 has it: a state's initial value, not a matmul weight, so it
-belongs in memjax.models.lm.NON_MATMUL_AXES), "lm2_width" (K), "lm2_width_out" (K on the output side of
-the K x K gate kernels), and the shared "embed", "heads", "head_dim", "qkv", "mlp".
+Logical axes: the block's own (`axis_rules`) "lm2_slots" (N; only M0 has it: a state's initial value, not
+a matmul weight, so it is a state axis and M0 is never weight-decayed), "lm2_width" (K), "lm2_width_out"
+(K on the output side of the K x K gate kernels), and the shared "embed", "heads", "head_dim", "qkv", "mlp".
 
 Diagnostics (`eval_metrics`): memory/layer<i>/lm2_out_gate (mean g_out over tokens), lm2_in_gate and
 lm2_forget_gate (means over the written segments).
@@ -60,7 +60,8 @@ from flax import nnx
 
 from memjax.memory.titans import PrefixAttention
 from memjax.models import layers
-from memjax.models.registry import register
+from memjax.models.diagnostics import batch_mean, capture
+from memjax.models.registry import Block, register
 
 
 def _logit(p: float) -> float:
@@ -68,7 +69,13 @@ def _logit(p: float) -> float:
 
 
 @register("lm2")
-class LM2Block(nnx.Module):
+class LM2Block(Block):
+    # M0's slots whole, its width over fsdp like every weight's model-width dimension (all-gathered at use).
+    # The square gate matrices split over fsdp only: split over fsdp x tensor, XLA partitions the write
+    # scan wrongly on a mesh with data, fsdp and tensor all > 1 (their gradients came out ~100% off;
+    # tests/test_sharding.py catches it).
+    axis_rules = {"lm2_slots": None, "lm2_width": "fsdp", "lm2_width_out": None}
+    state_axes = frozenset({"lm2_slots"})
     defaults: dict = {
         "slots": 16,  # N memory slots
         "slot_width": 64,  # K, the width of a slot (independent of d_model)
@@ -99,7 +106,8 @@ class LM2Block(nnx.Module):
         self.memory_norm = layers.RMSNorm(d, eps=cfg.norm_eps, dtype=dtype)
         # M0 in float32 whatever the compute dtype; identity-like rows, as the paper's identity slots.
         eye_NxK = jax.nn.one_hot(jnp.arange(n) % k, k, dtype=jnp.float32)
-        self.initial_memory = nnx.Param(p.slot_init_scale * eye_NxK, logical_axes=("lm2_slots", "lm2_width"))
+        self.initial_memory = nnx.Param(p.slot_init_scale * eye_NxK, logical_axes=("lm2_slots", "lm2_width"),
+                                        decay=False)
         # Read: tokens -> slots.
         self.read_query = dense((d,), (h, dh), ("embed", "heads", "head_dim"))
         self.read_key = dense((k,), (h, dh), ("lm2_width", "heads", "head_dim"))
@@ -119,10 +127,6 @@ class LM2Block(nnx.Module):
         self.mlp_norm = layers.RMSNorm(d, eps=cfg.norm_eps, dtype=dtype)
         self.mlp = layers.SwiGLU(d, layers.swiglu_width(d, cfg.d_ff), std=std, out_std=out_std, dtype=dtype, rngs=rngs)
         self.record = False  # set by diagnostics only: sown values would otherwise be written every step
-
-    @classmethod
-    def make_shared(cls, cfg, *, rngs):
-        return None
 
     # --- state ----------------------------------------------------------------------------------
 
@@ -270,28 +274,21 @@ def lm2_layers(model) -> list[tuple[int, LM2Block]]:
     return [(i, block) for i, block in enumerate(model.blocks) if isinstance(block, LM2Block)]
 
 
-def _captured_gates(graphdef, params, inputs_BxT):
-    model = nnx.merge(graphdef, params)
+def _switch_on_recording(model) -> None:
     for _, block in lm2_layers(model):
         block.record = True
-    _, captured = nnx.capture(model, nnx.Intermediate)(inputs_BxT)
-    captured = nnx.to_pure_dict(captured)
-    return {i: {g: jnp.mean(jnp.stack(list(captured["blocks"][i][g]))) for g in GATES} for i, _ in lm2_layers(model)}
 
 
-_captured_gates_jit = jax.jit(_captured_gates, static_argnums=0)
+def _captured_gates(graphdef, params, inputs_BxT) -> dict:
+    """One batch's {memory/layer<i>/<gate>: mean} of every LM2 layer."""
+    model, captured = capture(graphdef, params, inputs_BxT, _switch_on_recording)
+    return {f"memory/layer{i}/{g}": jnp.mean(jnp.stack(list(captured["blocks"][i][g])))
+            for i, _ in lm2_layers(model) for g in GATES}
 
 
 def gate_diagnostics(graphdef, params, batches) -> dict[str, float]:
     """Per LM2 layer, averaged over evaluation batches: the mean output, input and forget gates."""
-    totals, count = {}, 0
-    for batch in batches:
-        for layer, values in jax.device_get(_captured_gates_jit(graphdef, params, batch["inputs"])).items():
-            for key, value in values.items():
-                name = f"memory/layer{layer}/{key}"
-                totals[name] = totals.get(name, 0.0) + float(value)
-        count += 1
-    return {name: total / count for name, total in totals.items()} if count else {}
+    return batch_mean(_captured_gates, graphdef, params, batches)
 
 
 __all__ = ["LM2Block", "gate_diagnostics", "lm2_layers"]

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from memjax.kernels.neural_memory import api as neural_memory
-from memjax.memory import engine
+from memjax.kernels.neural_memory import engine
 from memjax.models import layers
 
 
@@ -90,7 +90,9 @@ class NeuralMemory(nnx.Module):
                    "alpha": _logit(p.alpha_init), "gamma": _logit(p.gamma_init),
                    "delta": math.log(math.expm1(p.delta_init))}
         bias = jnp.asarray([initial[name] for name in self.gate_names], jnp.float32)
-        self.gate_bias = nnx.Param(jnp.broadcast_to(bias[:, None], (len(self.gate_names), h)), logical_axes=("gates", "heads"))
+        # Per-head biases, 2-D but no matrix: weight decay would pull every gate towards 0.5.
+        self.gate_bias = nnx.Param(jnp.broadcast_to(bias[:, None], (len(self.gate_names), h)),
+                                   logical_axes=("gates", "heads"), decay=False)
         exp_kernel = tuple(1.0 / math.sqrt(math.factorial(i)) for i in range(self.degree + 1))
         if self.degree and p.feature_learnable:
             self.feature_coefficients = nnx.Param(jnp.asarray(exp_kernel, jnp.float32), logical_axes=("feature_degree",))
@@ -100,11 +102,11 @@ class NeuralMemory(nnx.Module):
             layers.param(rngs, (h, fan_in, fan_out), fan_in**-0.5, ("heads", "memory_in", "memory_out"))
             for fan_in, fan_out in engine.layer_shapes(self.spec, feature_dim(dh, self.degree), dh)
         ])
-        self.out_norm = nnx.Param(jnp.ones((h, dh), jnp.float32), logical_axes=("heads", "head_dim"))
+        self.out_norm = nnx.Param(jnp.ones((h, dh), jnp.float32), logical_axes=("heads", "head_dim"), decay=False)
         self.out_gate = layers.Dense((d,), (h, dh), ("embed", "heads", "head_dim"), std=std, dtype=dtype, rngs=rngs)
         self.out = layers.Dense((h, dh), (d,), ("heads", "head_dim", "embed"), std=out_std, dtype=dtype, rngs=rngs)
         if p.persistent_tokens:
-            self.persistent = layers.param(rngs, (p.persistent_tokens, d), 1.0, ("persistent", "embed"))
+            self.persistent = layers.param(rngs, (p.persistent_tokens, d), 1.0, ("persistent", "embed"), decay=False)
         self.record = False  # set by diagnostics only: sown values would otherwise be written every step
 
     # --- state ----------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from memjax.kernels.pkm_lookup import reference as lookup_reference
 from memjax.memory import bag
 from memjax.models import layers
 from memjax.models.attention import AttentionLayer
+from memjax.models.diagnostics import batch_sum, capture
 from memjax.models.registry import register
 
 QUERY_NORMS = ("rms", "none")
@@ -220,6 +221,19 @@ class ProductKeyMemory(nnx.Module):
 class ProductKeyMemoryBlock(AttentionLayer):
     """Pre-norm causal self-attention, then a product-key memory (Memory+ by default) in place of the FFN."""
 
+    axis_rules = {
+        "pkm_heads": None,
+        "pkm_half": None,
+        "pkm_keys": None,
+        "pkm_key_dim": None,
+        "pkm_query": None,
+        "pkm_value": "tensor",
+        # The value table follows model.pkm.value_shard_axis / value_shard_mode (`sharding_rules`): the
+        # sharded embedding bag expects exactly that layout.
+        "value_rows": None,
+        "value_cols": None,
+    }
+    state_axes = frozenset({"value_rows"})  # the value table is read (a lookup), not multiplied
     defaults = {
         "heads": 4,
         "k": 32,  # slots read per head and token
@@ -245,6 +259,13 @@ class ProductKeyMemoryBlock(AttentionLayer):
         # AttentionLayer's second residual step is x + mlp(mlp_norm(x)): the memory takes the FFN's
         # place there. Both names hold one module, whose parameters are listed once, under `memory/`.
         self.mlp = self.memory
+
+    @classmethod
+    def sharding_rules(cls, model_cfg) -> dict:
+        table, p = dict(cls.axis_rules), model_cfg.pkm
+        if p.value_shard_axis:
+            table["value_rows" if p.value_shard_mode == "rows" else "value_cols"] = p.value_shard_axis
+        return table
 
     @classmethod
     def make_shared(cls, cfg, *, rngs):
@@ -305,17 +326,18 @@ def pkm_layers(model) -> list[tuple[int, ProductKeyMemory]]:
     return [(i, block.memory) for i, block in enumerate(model.blocks) if isinstance(block, ProductKeyMemoryBlock)]
 
 
+def _switch_on_recording(model) -> None:
+    for _, memory in pkm_layers(model):
+        memory.record_slots = True
+
+
 def slot_usage(graphdef, params, inputs_BxT) -> dict[str, jax.Array]:
     """One batch's slot usage per pkm layer: {"hits": [L, N] times selected, "mass": [L, N] summed
     softmax weight}, L = pkm layers in order. Pure and jittable (graphdef static)."""
-    model = nnx.merge(graphdef, params)
+    model, captured = capture(graphdef, params, inputs_BxT, _switch_on_recording)
     memories = pkm_layers(model)
     if not memories:
         return {}
-    for _, memory in memories:
-        memory.record_slots = True
-    _, captured = nnx.capture(model, nnx.Intermediate)(inputs_BxT)
-    captured = nnx.to_pure_dict(captured)
     n = memories[0][1].values.table.shape[0]
     hits, mass = [], []
     for i, _ in memories:
@@ -354,17 +376,11 @@ def usage_metrics(usage: dict, layer_indices=None) -> dict[str, float]:
     return out
 
 
-_slot_usage_jit = jax.jit(slot_usage, static_argnums=0)
-
-
 def slot_usage_metrics(graphdef, params, batches) -> dict[str, float]:
     """`usage_metrics` over evaluation batches (dicts with "inputs" [B, T]); {} for a model without
     pkm layers. The trainer logs them with each evaluation (the block's `eval_metrics`)."""
     layer_indices = [i for i, _ in pkm_layers(nnx.merge(graphdef, params))]
     if not layer_indices:
         return {}
-    total = None
-    for batch in batches:
-        usage = _slot_usage_jit(graphdef, params, batch["inputs"])
-        total = usage if total is None else jax.tree_util.tree_map(jnp.add, total, usage)
+    total = batch_sum(slot_usage, graphdef, params, batches)
     return usage_metrics(total, layer_indices) if total is not None else {}

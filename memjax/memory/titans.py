@@ -30,9 +30,11 @@ from flax import nnx
 
 from memjax.kernels import dispatch
 from memjax.kernels.neural_memory import api as neural_memory
-from memjax.memory import engine, neural
+from memjax.kernels.neural_memory import engine
+from memjax.memory import neural
 from memjax.models import layers
-from memjax.models.registry import register
+from memjax.models.diagnostics import batch_mean, capture
+from memjax.models.registry import Block, register
 
 HYBRIDS = ("none", "mag", "mal", "mac")
 
@@ -50,7 +52,7 @@ class PrefixAttention(nnx.Module):
         self.out = layers.Dense((h, d // h), (d,), ("heads", "head_dim", "embed"), std=out_std, dtype=dtype, rngs=rngs)
         self.num_persistent = persistent
         if persistent:
-            self.persistent = layers.param(rngs, (persistent, d), 1.0, ("persistent", "embed"))
+            self.persistent = layers.param(rngs, (persistent, d), 1.0, ("persistent", "embed"), decay=False)
 
     def project(self, x_BxTxD, positions_BxT):
         q, k, v = jnp.unstack(self.qkv(x_BxTxD), axis=2)
@@ -92,13 +94,28 @@ class PrefixAttention(nnx.Module):
         return y, {"k": cache_k, "v": cache_v, "index": start + seq}
 
 
-class NeuralMemoryBlock(nnx.Module):
+class NeuralMemoryBlock(Block):
     """A residual layer built around the neural memory; see the module docstring for `hybrid`."""
+
+    axis_rules = {
+        "conv": None,
+        "gates": None,
+        "branch": None,
+        "persistent": None,
+        "feature_degree": None,
+        # The memory's initial weights per head: heads over `tensor` (the whole memory recurrence of a
+        # head then stays on its devices), each head's matrix whole.
+        "memory_in": None,
+        "memory_out": None,
+    }
+    # The memory's initial weights start a recurrence (their per-token work: neural.flops_per_token);
+    # persistent tokens are inputs.
+    state_axes = frozenset({"memory_in", "persistent"})
 
     defaults: dict = {
         "hybrid": "none",  # one of HYBRIDS
         "heads": 4,  # memory heads (each of width d_model / heads)
-        # The engine's choices (memjax.memory.engine): memory architecture, ...
+        # The engine's choices (memjax.kernels.neural_memory.engine): memory architecture, ...
         "memory": "mlp",  # "mlp" (memory_depth linear maps) or "gated": W1(s(W2 x) * W3 x)
         "memory_depth": 2,  # linear maps in the memory MLP; 1 = linear memory
         "memory_expansion": 4,  # hidden width / head width
@@ -147,7 +164,8 @@ class NeuralMemoryBlock(nnx.Module):
             self.attention_norm = layers.RMSNorm(d, eps=cfg.norm_eps, dtype=dtype)
         if p.hybrid in ("mag", "mac"):
             out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
-            self.branch_norms = nnx.Param(jnp.ones((2, d), jnp.float32), logical_axes=("branch", "embed"))
+            # Two norm scales stacked, not a matrix: never decayed.
+            self.branch_norms = nnx.Param(jnp.ones((2, d), jnp.float32), logical_axes=("branch", "embed"), decay=False)
             self.mix = layers.Dense((d,), (d,), ("embed", "embed_out"), std=out_std, dtype=dtype, rngs=rngs)
         if p.hybrid == "mac":
             h, dh = p.heads, d // p.heads
@@ -159,10 +177,6 @@ class NeuralMemoryBlock(nnx.Module):
         self.mlp_norm = layers.RMSNorm(d, eps=cfg.norm_eps, dtype=dtype)
         self.mlp = layers.SwiGLU(d, layers.swiglu_width(d, cfg.d_ff), std=cfg.init_std,
                                  out_std=cfg.init_std / (2 * cfg.num_layers) ** 0.5, dtype=dtype, rngs=rngs)
-
-    @classmethod
-    def make_shared(cls, cfg, *, rngs):
-        return None
 
     def init_state(self, batch_size: int, max_len: int, dtype):
         state = {"memory": self.memory.init_state(batch_size)}
@@ -395,12 +409,14 @@ def memory_layers(model) -> list[tuple[int, NeuralMemoryBlock]]:
     return [(i, block) for i, block in enumerate(model.blocks) if isinstance(block, NeuralMemoryBlock)]
 
 
-def _captured_diagnostics(graphdef, params, inputs_BxT):
-    model = nnx.merge(graphdef, params)
+def _switch_on_recording(model) -> None:
     for _, block in memory_layers(model):
         block.memory.record = True
-    _, captured = nnx.capture(model, nnx.Intermediate)(inputs_BxT)
-    captured = nnx.to_pure_dict(captured)
+
+
+def _captured_diagnostics(graphdef, params, inputs_BxT) -> dict:
+    """One batch's {memory/layer<i>/<name>: mean} of every neural-memory layer."""
+    model, captured = capture(graphdef, params, inputs_BxT, _switch_on_recording)
     out = {}
     for i, _ in memory_layers(model):
         block = captured["blocks"][i]
@@ -410,26 +426,16 @@ def _captured_diagnostics(graphdef, params, inputs_BxT):
                 values.setdefault(key, []).append(value)
         if "gate" in block:
             values["gate"] = list(block["gate"])
-        out[i] = {key: jnp.mean(jnp.stack([jnp.mean(v) for v in vals])) for key, vals in values.items()}
+        out.update({f"memory/layer{i}/{key}": jnp.mean(jnp.stack([jnp.mean(v) for v in vals]))
+                    for key, vals in values.items()})
     return out
-
-
-_captured_diagnostics_jit = jax.jit(_captured_diagnostics, static_argnums=0)
 
 
 def memory_diagnostics(graphdef, params, batches) -> dict[str, float]:
     """Per neural-memory layer, averaged over evaluation batches: the inner loss on each chunk before and
     after its update, the mean gates (theta, eta, alpha; the MAG/MAC branch gate), and the norm of the
     memory weights after the batch."""
-    totals, count = {}, 0
-    for batch in batches:
-        per_layer = jax.device_get(_captured_diagnostics_jit(graphdef, params, batch["inputs"]))
-        for layer, values in per_layer.items():
-            for key, value in values.items():
-                name = f"memory/layer{layer}/{key}"
-                totals[name] = totals.get(name, 0.0) + float(value)
-        count += 1
-    return {name: total / count for name, total in totals.items()} if count else {}
+    return batch_mean(_captured_diagnostics, graphdef, params, batches)
 
 
 __all__ = ["NeuralMemoryBlock", "PrefixAttention", "memory_diagnostics", "HYBRIDS"]

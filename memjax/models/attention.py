@@ -11,12 +11,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from memjax.models import layers
-from memjax.models.registry import register
+from memjax.models.registry import Block, register
 
 
-class AttentionLayer(nnx.Module):
-    defaults: dict = {}
-
+class AttentionLayer(Block):
     def __init__(self, cfg, layer_index: int, *, shared=None, rngs: nnx.Rngs):
         d, h = cfg.d_model, cfg.num_heads
         k = d // h
@@ -35,10 +33,6 @@ class AttentionLayer(nnx.Module):
     @classmethod
     def window_of(cls, cfg) -> int:
         return 0
-
-    @classmethod
-    def make_shared(cls, cfg, *, rngs):
-        return None
 
     def init_state(self, batch_size: int, max_len: int, dtype):
         shape = (batch_size, max_len, self.num_heads, self.head_dim)
@@ -66,10 +60,6 @@ class AttentionLayer(nnx.Module):
         x_BxTxD = x_BxTxD + self.out(y_BxTxHxK)
         x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
         return x_BxTxD, state
-
-    @classmethod
-    def validate(cls, cfg, require) -> None:
-        pass
 
     @classmethod
     def flops_per_token(cls, model_cfg, seq_len: int) -> float:

@@ -55,9 +55,9 @@ import numpy as np
 from flax import nnx
 
 from memjax import segments
-from memjax.config import block_names
-from memjax.models import layers, registry
-from memjax.models.lm import DecoderLM, count_matmul_params
+from memjax.models import diagnostics, layers, registry
+from memjax.models.factory import count_matmul_params
+from memjax.models.lm import DecoderLM
 
 
 def backbone_hidden(backbone: DecoderLM, x_BxTxD):
@@ -74,7 +74,21 @@ def backbone_logits(backbone: DecoderLM, h_BxTxD):
     return backbone.head(h_BxTxD).astype(jnp.float32)
 
 
-class HMT(nnx.Module):
+@registry.register_wrapper("hmt")
+class HMT(registry.Wrapper):
+    defaults = {
+        "enabled": False,
+        "segment_len": 128,  # L: new tokens per segment; train.seq_len must be a multiple of it
+        "sensory_tokens": 32,  # k: embeddings of the previous segment's last tokens prepended (0 = none)
+        "cache_size": 32,  # N: memory embeddings kept for the recall
+        "recall_dim": 256,  # h: width of the recall's query and key projections
+        "memory": True,  # memory tokens P_n around each segment (needed by the recall)
+        "recall": True,  # search the cache (stage 2); False: P_n is the learned P_0 (stage 1)
+        "causal": True,  # summarise the previous segment; False: the paper's own first half (leaks)
+        "bptt_segments": 0,  # gradients through at most this many segments of a call (0 = all)
+    }
+    axis_rules = {"hmt_recall": "tensor"}
+
     def __init__(self, model_cfg, vocab_size: int, *, rngs: nnx.Rngs):
         p = model_cfg.hmt
         d, std, dtype = model_cfg.d_model, model_cfg.init_std, jnp.dtype(model_cfg.dtype)
@@ -88,7 +102,7 @@ class HMT(nnx.Module):
         self.summary_len = p.segment_len // 2
         self.memory, self.causal, self.bptt = p.memory, p.causal, p.bptt_segments
         self.recall = p.memory and p.recall  # the search only feeds P_n
-        self.record = False  # sow the recall weights (hmt_metrics)
+        self.record = False  # sow the recall weights (eval_metrics)
 
     # --- state ------------------------------------------------------------------------------------
 
@@ -227,51 +241,66 @@ class HMT(nnx.Module):
         return jnp.moveaxis(logits_TxBxV, 0, 1), states
 
 
-# --- config, FLOPs, diagnostics -------------------------------------------------------------------
 
+    # --- config, FLOPs, diagnostics (registry.Wrapper hooks) ---------------------------------------
 
-def validate(cfg, require) -> None:
-    p = cfg.model.hmt
-    require(p.segment_len > 0, "model.hmt.segment_len", f"must be positive, got {p.segment_len}")
-    require(0 <= p.sensory_tokens <= p.segment_len, "model.hmt.sensory_tokens",
-            f"must lie in [0, model.hmt.segment_len={p.segment_len}], got {p.sensory_tokens}")
-    require(p.cache_size > 0, "model.hmt.cache_size", f"must be positive, got {p.cache_size}")
-    require(p.recall_dim > 0, "model.hmt.recall_dim", f"must be positive, got {p.recall_dim}")
-    require(p.bptt_segments >= 0, "model.hmt.bptt_segments", f"must be >= 0 (0 = all), got {p.bptt_segments}")
-    require(cfg.train.seq_len % p.segment_len == 0, "train.seq_len",
-            f"{cfg.train.seq_len} is not a multiple of model.hmt.segment_len={p.segment_len}")
+    @classmethod
+    def validate(cls, cfg, require) -> None:
+        p = cfg.model.hmt
+        require(p.segment_len > 0, "model.hmt.segment_len", f"must be positive, got {p.segment_len}")
+        require(0 <= p.sensory_tokens <= p.segment_len, "model.hmt.sensory_tokens",
+                f"must lie in [0, model.hmt.segment_len={p.segment_len}], got {p.sensory_tokens}")
+        require(p.cache_size > 0, "model.hmt.cache_size", f"must be positive, got {p.cache_size}")
+        require(p.recall_dim > 0, "model.hmt.recall_dim", f"must be positive, got {p.recall_dim}")
+        require(p.bptt_segments >= 0, "model.hmt.bptt_segments", f"must be >= 0 (0 = all), got {p.bptt_segments}")
+        require(cfg.train.seq_len % p.segment_len == 0, "train.seq_len",
+                f"{cfg.train.seq_len} is not a multiple of model.hmt.segment_len={p.segment_len}")
 
+    @classmethod
+    def flops_per_token(cls, model_cfg, vocab_size: int, seq_len: int) -> float:
+        """Training FLOPs per token of the whole HMT model (the backbone's passes included): per segment of
+        L new tokens, the memory encoding runs the backbone on L + k + 2 positions, the representation
+        encoding on L // 2 + 2, the head on L; plus the search. Each pass's attention-like terms come from
+        the blocks' own flops_per_token at that pass's length."""
+        p = model_cfg.hmt
+        seg = min(p.segment_len, seq_len)
+        backbone = nnx.eval_shape(lambda: DecoderLM(model_cfg, vocab_size, rngs=nnx.Rngs(params=0)))
 
-def flops_per_token(model_cfg, vocab_size: int, seq_len: int) -> float:
-    """Training FLOPs per token of the whole HMT model (the backbone's passes included): per segment of
-    L new tokens, the memory encoding runs the backbone on L + k + 2 positions, the representation
-    encoding on L // 2 + 2, the head on L; plus the search. Each pass's attention-like terms come from
-    the blocks' own flops_per_token at that pass's length."""
-    p = model_cfg.hmt
-    seg = min(p.segment_len, seq_len)
-    backbone = nnx.eval_shape(lambda: DecoderLM(model_cfg, vocab_size, rngs=nnx.Rngs(params=0)))
+        state_axes = registry.state_axes(model_cfg)
+        per_position = 6.0 * (count_matmul_params(backbone.blocks, state_axes)
+                              + count_matmul_params(backbone.shared, state_axes))
+        blocks, names = registry.load(), registry.block_names(model_cfg)
 
-    per_position = 6.0 * (count_matmul_params(backbone.blocks) + count_matmul_params(backbone.shared))
-    blocks, names = registry.load(), block_names(model_cfg)
+        def backbone_pass(positions: int) -> float:
+            if positions == 0:
+                return 0.0
+            return positions * (per_position + sum(blocks[name].flops_per_token(model_cfg, positions) for name in names))
 
-    def backbone_pass(positions: int) -> float:
-        if positions == 0:
-            return 0.0
-        return positions * (per_position + sum(blocks[name].flops_per_token(model_cfg, positions) for name in names))
+        memory, recall = p.memory, p.memory and p.recall
+        total = backbone_pass(seg + p.sensory_tokens + 2 * memory) + 6.0 * vocab_size * model_cfg.d_model * seg
+        if recall:
+            d, n, h = model_cfg.d_model, p.cache_size, p.recall_dim
+            total += backbone_pass(seg // 2 + 2) + 6.0 * (d * h * (n + 1) + n * (h + d))
+        return total / seg
 
-    memory, recall = p.memory, p.memory and p.recall
-    total = backbone_pass(seg + p.sensory_tokens + 2 * memory) + 6.0 * vocab_size * model_cfg.d_model * seg
-    if recall:
-        d, n, h = model_cfg.d_model, p.cache_size, p.recall_dim
-        total += backbone_pass(seg // 2 + 2) + 6.0 * (d * h * (n + 1) + n * (h + d))
-    return total / seg
+    @staticmethod
+    def eval_metrics(graphdef, params, batches) -> dict[str, float]:
+        """Mean recall weight by distance d = 1..N (segments back) over the evaluation batches, over the
+        segments that had a non-empty cache: the weights of one search sum to 1, so these do too."""
+        total, searches = 0.0, 0.0
+        for record in diagnostics.per_batch(_recall_record, graphdef, params, batches):
+            if record is None:
+                return {}
+            by_distance_N, count = record
+            total, searches = total + np.asarray(by_distance_N, np.float64), searches + float(count)
+        if not searches:
+            return {}
+        return {f"memory/hmt/recall_distance_{d}": float(w / searches) for d, w in enumerate(total, start=1)}
 
 
 def _recall_record(graphdef, params, inputs_BxT):
-    model = nnx.merge(graphdef, params)
-    model.record = True
-    _, captured = nnx.capture(model, nnx.Intermediate)(inputs_BxT)
-    captured = nnx.to_pure_dict(captured)
+    """One batch's recall weights summed by distance [N] and the number of searches (None: recall off)."""
+    _, captured = diagnostics.capture(graphdef, params, inputs_BxT, _record_recall)
     if "recall_weights" not in captured:  # recall off: nothing searched
         return None
     weights_SxBxN, valid_SxB = captured["recall_weights"][0], captured["recall_valid"][0]
@@ -280,19 +309,5 @@ def _recall_record(graphdef, params, inputs_BxT):
     return by_distance_N, jnp.sum(valid_SxB)
 
 
-_recall_record_jit = jax.jit(_recall_record, static_argnums=0)
-
-
-def hmt_metrics(graphdef, params, batches) -> dict[str, float]:
-    """Mean recall weight by distance d = 1..N (segments back) over the evaluation batches, over the
-    segments that had a non-empty cache: the weights of one search sum to 1, so these do too."""
-    total, searches = 0.0, 0.0
-    for batch in batches:
-        record = _recall_record_jit(graphdef, params, batch["inputs"])
-        if record is None:
-            return {}
-        by_distance_N, count = jax.device_get(record)
-        total, searches = total + np.asarray(by_distance_N, np.float64), searches + float(count)
-    if not searches:
-        return {}
-    return {f"memory/hmt/recall_distance_{d}": float(w / searches) for d, w in enumerate(total, start=1)}
+def _record_recall(model) -> None:
+    model.record = True

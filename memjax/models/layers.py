@@ -1,7 +1,8 @@
 """Shared layers: dense projections, embeddings, RMSNorm, RoPE, SwiGLU and masked attention.
 
 Parameters are float32 `nnx.Param`s carrying `logical_axes` metadata (one name per dimension) that the
-sharding rules map onto mesh axes. Matmuls run in the compute dtype given at construction.
+sharding rules map onto mesh axes, and `decay=False` metadata where weight decay must never apply
+(memjax.optim: otherwise matrices decay, vectors do not). Matmuls run in the compute dtype given at construction.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ from flax import nnx
 from memjax import parallel
 
 
-def param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, axes: tuple[str, ...]) -> nnx.Param:
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, axes: tuple[str, ...], *, decay: bool = True) -> nnx.Param:
+    """A truncated-normal float32 parameter. `decay=False` exempts a 2-D one that is no weight matrix (an
+    initial state, persistent tokens) from weight decay (memjax.optim)."""
     assert len(shape) == len(axes), (shape, axes)
     value = std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32)
-    return nnx.Param(value, logical_axes=axes)
+    # Only the exemption is recorded: other parameters keep the metadata they had before the flag existed.
+    return nnx.Param(value, logical_axes=axes, **({} if decay else {"decay": False}))
 
 
 class Dense(nnx.Module):

@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from memjax.kernels import dispatch
 from memjax.kernels.neural_memory import pallas_gpu, pallas_tpu, reference
-from memjax.memory import engine
+from memjax.kernels.neural_memory import engine
 
 OP = "neural_memory"
 BATCH_AXES, HEAD_AXIS = ("data", "fsdp"), "tensor"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 
 from memjax.kernels.neural_memory import reference
-from memjax.memory import engine
+from memjax.kernels.neural_memory import engine
 
 
 def _is_index(x):

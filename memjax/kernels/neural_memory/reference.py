@@ -1,7 +1,7 @@
 """The neural-memory chunk scan in pure JAX: the source of truth the Pallas kernels are tested against.
 
-`scan_chunks` is the engine's scan (memjax.memory.engine: lax.scan over chunks in remat groups, the chunk
-step vmapped over batch and heads). The kernels run the same per-chunk math on their blocks:
+`scan_chunks` is the engine's scan (engine.py beside this module: lax.scan over chunks in remat groups,
+the chunk step vmapped over batch and heads). The kernels run the same per-chunk math on their blocks:
 `chunk_forward` is `engine.chunk_step_linear`, and `chunk_backward` its VJP
 (the fused backward recomputes each chunk's forward from its start state).
 """
@@ -13,7 +13,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from memjax.memory import engine
+from memjax.kernels.neural_memory import engine
 
 scan_chunks = engine.scan_chunks
 ROWS_BATCH = 16  # chunks per step of the coefficient rows in `kernel_inputs`
