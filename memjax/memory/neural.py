@@ -29,7 +29,7 @@ from flax import nnx
 
 from memjax.kernels.neural_memory import api as neural_memory
 from memjax.memory import engine
-from memjax.models import layers
+from memjax.models import layers, sublayers
 
 
 def engine_spec(p, eps: float) -> engine.Spec:
@@ -72,7 +72,7 @@ class NeuralMemory(nnx.Module):
         d, h = model_cfg.d_model, p.heads
         dh = d // h
         dtype = jnp.dtype(model_cfg.dtype)
-        std, out_std = model_cfg.init_std, model_cfg.init_std / (2 * model_cfg.num_layers) ** 0.5
+        std, out_std = model_cfg.init_std, sublayers.output_std(model_cfg)
         self.spec = engine_spec(p, model_cfg.norm_eps)
         self.kernel = p.kernel  # the chunk scan's implementation: memjax.kernels.neural_memory.api
         self.heads, self.head_dim, self.dtype, self.eps = h, dh, dtype, model_cfg.norm_eps

@@ -40,7 +40,7 @@ from flax import nnx
 from memjax.kernels.dispatch import KERNEL_CHOICES
 from memjax.kernels.pkm_lookup import reference as lookup_reference
 from memjax.memory import bag
-from memjax.models import layers
+from memjax.models import layers, sublayers
 from memjax.models.attention import AttentionLayer
 from memjax.models.registry import register
 
@@ -159,7 +159,6 @@ class ProductKeyMemory(nnx.Module):
         p = model_cfg.pkm
         d, v, h, kd = model_cfg.d_model, value_dim(model_cfg), p.heads, p.k_dim
         dtype = jnp.dtype(model_cfg.dtype)
-        out_std = model_cfg.init_std / (2 * model_cfg.num_layers) ** 0.5
         self.heads, self.k, self.dtype, self.eps = h, p.k, dtype, model_cfg.norm_eps
         self.query_norm, self.memory_plus, self.use_gate = p.query_norm, p.memory_plus, p.gate
         self.shard_axis, self.shard_mode, self.kernel = p.value_shard_axis, p.value_shard_mode, p.kernel
@@ -176,7 +175,8 @@ class ProductKeyMemory(nnx.Module):
         if p.memory_plus:
             self.w1 = layers.Dense((d,), (v,), ("embed", "pkm_value"), std=model_cfg.init_std, dtype=dtype, rngs=rngs)
             self.b1 = nnx.Param(jnp.zeros((v,), jnp.float32), logical_axes=("pkm_value",))
-            self.w2 = layers.Dense((v,), (d,), ("pkm_value", "embed"), std=out_std, dtype=dtype, rngs=rngs)
+            self.w2 = layers.Dense((v,), (d,), ("pkm_value", "embed"), std=sublayers.output_std(model_cfg), dtype=dtype,
+                                   rngs=rngs)
             self.b2 = nnx.Param(jnp.zeros((d,), jnp.float32), logical_axes=("embed",))
         if p.gate:
             self.gate = nnx.Param(jnp.zeros((d,), jnp.float32), logical_axes=("embed",))
