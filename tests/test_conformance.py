@@ -15,9 +15,9 @@ Properties, float32:
     one call and token-by-token decoding equal one device's (1e-5 of the logits' scale: a sharded
     reduction sums in another order); at the odd sizes (SHARDED_SIZES);
 (d) segment carry, through memjax.segments.scan_segments as the trainer's document mode runs it (two
-    segments, then the second again from a reset lane). The first segment from init_carry == the first
-    half of the one call (a fresh start, causal); what the second must equal depends on what the block
-    carries (`carry_family`):
+    segments, then the second and the first again, each from a reset lane). The first segment from
+    init_carry == the first half of the one call (a fresh start, causal), and a reset lane's rerun of it
+    is bit-identical to it; what the second must equal depends on what the block carries (`carry_family`):
     - "recurrent" (neural memory without attention, MAC, HMT): the carry is the whole state, so the
       second segment == the second half of the one call, and differs from the fresh run (MAC: its
       attention never crosses its own segments, on whose grid the carried segments lie);
@@ -112,11 +112,12 @@ def carry_family(name: str, cfg) -> str:
 
 def carry_length(name: str, cfg) -> int:
     """Tokens per carried segment: whole segments of whatever the block writes per segment (LM2 writes
-    complete segments only, HMT takes whole ones), at least 12. The cases run 2 such segments: (a)'s
+    complete segments only, HMT takes whole ones, the neural memory whole chunks), at least 12. The cases run 2 such segments: (a)'s
     splits then start mid-segment and mid-chunk, and (shrunk) the one-call run is longer than the
     sliding windows (16), so it takes the blocked path that the cache never does."""
     settings = cfg.model.hmt if name == "hmt" else cfg.model.get(name, {})
-    steps = [settings[key] for key in ("segment", "segment_len") if key in settings]
+    # Whole chunks too, as the configs' validation requires of document-mode segments (see NeuralMemoryBlock).
+    steps = [settings[key] for key in ("segment", "segment_len", "chunk") if key in settings]
     step = math.lcm(1, *steps)
     return step * -(-12 // step)
 
@@ -169,10 +170,10 @@ def one_device(name: str, size: str) -> dict:
             logits, carry = model(ids_BxL, carry)
             return carry, logits
 
-        # Segments 1, 2, then 2 again from a document start (every lane reset): the fresh run of segment 2
+        # Segments 1, 2, then 2 and 1 again each from a document start (every lane reset): the fresh runs
         # from the same compiled step.
-        resets_SxB = jnp.zeros((3, BATCH), bool).at[2].set(True)
-        carry, carried = segments.scan_segments(step, model.init_carry(BATCH), segments_SxBxL[jnp.array([0, 1, 1])],
+        resets_SxB = jnp.zeros((4, BATCH), bool).at[2:].set(True)
+        carry, carried = segments.scan_segments(step, model.init_carry(BATCH), segments_SxBxL[jnp.array([0, 1, 1, 0])],
                                                 resets=resets_SxB, init=model.init_carry(BATCH))
         return {"calls": calls, "split": split, "tokens": tokens, "carried": carried, "carry": carry}
 
@@ -234,12 +235,13 @@ def check_c_sharded(name, size, out):
 
 
 def check_d_segment_carry(name, size, out):
-    """Segments 1 and 2 with the carry (scan_segments), and segment 2 again from a reset carry."""
+    """Segments 1 and 2 with the carry (scan_segments), then 2 and 1 again from reset carries."""
     family = carry_family(name, built(name, size)[0])
-    first, second, fresh = out["carried"]
+    first, second, fresh, first_again = out["carried"]
     whole_first, whole_second = np.split(out["calls"][0], 2, axis=1)
     # Causal blocks: a call on segment 1 alone gives the first half of the one call's logits.
     np.testing.assert_allclose(first, whole_first, **TOLERANCE, err_msg="segment 1 from init_carry")
+    np.testing.assert_array_equal(first_again, first, err_msg="a lane reset after two segments: not a fresh start")
     if family == "recurrent":
         np.testing.assert_allclose(second, whole_second, **TOLERANCE, err_msg="segment 2 with the carry")
         assert not np.allclose(fresh, second, **TOLERANCE), "the carry made no difference to segment 2"

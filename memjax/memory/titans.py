@@ -292,6 +292,13 @@ class NeuralMemoryBlock(nnx.Module):
             if cfg.train.segments_per_step:  # a padded tail segment would be written into the carried memory
                 require(cfg.train.seq_len % p.segment == 0, f"{field}.segment",
                         f"must divide train.seq_len={cfg.train.seq_len} with train.segments_per_step > 0")
+        if cfg.train.segments_per_step:
+            # The carried memory's count of pending tokens (an incomplete chunk) is one for all lanes, which
+            # advance in step; a lane reset at a document start takes the start's pending tokens, which
+            # match that count only if every segment is whole chunks (else the lane misreads its pending
+            # tokens: its document does not start afresh).
+            require(cfg.train.seq_len % p.chunk == 0, f"{field}.chunk",
+                    f"must divide train.seq_len={cfg.train.seq_len} with train.segments_per_step > 0, got {p.chunk}")
 
     @classmethod
     def flops_per_token(cls, model_cfg, seq_len: int) -> float:
