@@ -40,30 +40,42 @@ def tiny_config(**overrides):
     return cfg
 
 
+def split_calls(model, ids_BxT, splits):
+    """Logits of the ids run as `splits` calls ((start, stop) pairs) carrying the decoding state from
+    init_states."""
+    import jax.numpy as jnp
+
+    states, pieces = model.init_states(*ids_BxT.shape), []
+    for a, b in splits:
+        logits, states = model(ids_BxT[:, a:b], states)
+        pieces.append(logits)
+    return jnp.concatenate(pieces, axis=1)
+
+
+def token_by_token(model, ids_BxT):
+    """Logits of the ids decoded one token at a time (a scan) from init_states."""
+    import jax
+    import jax.numpy as jnp
+
+    def decode(states, token_B):
+        logits, states = model(token_B[:, None], states)
+        return states, logits[:, 0]
+
+    _, decoded = jax.lax.scan(decode, model.init_states(*ids_BxT.shape), ids_BxT.T)
+    return jnp.moveaxis(decoded, 0, 1)
+
+
 def split_and_decoded_logits(graphdef, params, ids_BxT, splits):
     """Logits of one call, and of the same ids run as `splits` calls with carried state ("split") and
     token by token ("tokens"), all from init_states: the decode-equivalence check of a block."""
     import jax
-    import jax.numpy as jnp
     from flax import nnx
-
-    batch, length = ids_BxT.shape
 
     @jax.jit
     def run(params):
         model = nnx.merge(graphdef, params)
         whole, _ = model(ids_BxT)
-        states, pieces = model.init_states(batch, length), []
-        for a, b in splits:
-            logits, states = model(ids_BxT[:, a:b], states)
-            pieces.append(logits)
-
-        def decode(states, token_B):
-            logits, states = model(token_B[:, None], states)
-            return states, logits[:, 0]
-
-        _, decoded = jax.lax.scan(decode, model.init_states(batch, length), ids_BxT.T)
-        return whole, {"split": jnp.concatenate(pieces, axis=1), "tokens": jnp.moveaxis(decoded, 0, 1)}
+        return whole, {"split": split_calls(model, ids_BxT, splits), "tokens": token_by_token(model, ids_BxT)}
 
     return run(params)
 

@@ -130,6 +130,10 @@ def test_segment_mode_validation():
     with pytest.raises(config.ConfigError, match="model.titans_mac.segment"):
         config.validate(document_config(**{"model.block_pattern": "titans_mac", "model.titans_mac.chunk": 4,
                                            "model.titans_mac.segment": 12}))
+    # A segment of 16 tokens is not whole chunks of 6: a lane reset at a document start would misread
+    # the pending-token count that all lanes share (tests/test_conformance.py checks resets restart).
+    with pytest.raises(config.ConfigError, match="model.titans_lmm.chunk: must divide train.seq_len=16"):
+        config.validate(document_config(**{"model.block_pattern": "titans_lmm", "model.titans_lmm.chunk": 6}))
 
 
 def test_long_document_training_carries_memory_resets_and_resumes_exactly(tmp_path):

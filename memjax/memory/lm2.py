@@ -58,8 +58,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from memjax.memory.titans import PrefixAttention
-from memjax.models import layers
+from memjax.models import layers, sublayers
 from memjax.models.diagnostics import batch_mean, capture
 from memjax.models.registry import Block, register
 
@@ -92,7 +91,7 @@ class LM2Block(Block):
         d, h, n, k = cfg.d_model, p.heads, p.slots, p.slot_width
         dh = d // h
         dtype = jnp.dtype(cfg.dtype)
-        std, out_std = cfg.init_std, cfg.init_std / (2 * cfg.num_layers) ** 0.5
+        std, out_std = cfg.init_std, sublayers.output_std(cfg)
         self.segment, self.d_model, self.dtype = p.segment, d, dtype
 
         def dense(in_shape, out_shape, axes, scale=std):
@@ -102,7 +101,7 @@ class LM2Block(Block):
             return nnx.Param(jnp.full((size,), value, jnp.float32), logical_axes=(axis,))
 
         self.attn_norm = layers.RMSNorm(d, eps=cfg.norm_eps, dtype=dtype)
-        self.attention = PrefixAttention(cfg, 0, 0, rngs=rngs)
+        self.attention = sublayers.Attention(cfg, rngs=rngs)
         self.memory_norm = layers.RMSNorm(d, eps=cfg.norm_eps, dtype=dtype)
         # M0 in float32 whatever the compute dtype; identity-like rows, as the paper's identity slots.
         eye_NxK = jax.nn.one_hot(jnp.arange(n) % k, k, dtype=jnp.float32)
@@ -125,7 +124,7 @@ class LM2Block(Block):
         self.forget_gate = dense((k,), (k,), ("lm2_width", "lm2_width_out"))
         self.forget_bias = bias(k, _logit(p.forget_gate_init), "lm2_width")
         self.mlp_norm = layers.RMSNorm(d, eps=cfg.norm_eps, dtype=dtype)
-        self.mlp = layers.SwiGLU(d, layers.swiglu_width(d, cfg.d_ff), std=std, out_std=out_std, dtype=dtype, rngs=rngs)
+        self.mlp = sublayers.feed_forward(cfg, rngs=rngs)
         self.record = False  # set by diagnostics only: sown values would otherwise be written every step
 
     # --- state ----------------------------------------------------------------------------------

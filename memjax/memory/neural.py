@@ -29,7 +29,7 @@ from flax import nnx
 
 from memjax.kernels.neural_memory import api as neural_memory
 from memjax.kernels.neural_memory import engine
-from memjax.models import layers
+from memjax.models import layers, sublayers
 
 
 def engine_spec(p, eps: float) -> engine.Spec:
@@ -72,7 +72,7 @@ class NeuralMemory(nnx.Module):
         d, h = model_cfg.d_model, p.heads
         dh = d // h
         dtype = jnp.dtype(model_cfg.dtype)
-        std, out_std = model_cfg.init_std, model_cfg.init_std / (2 * model_cfg.num_layers) ** 0.5
+        std, out_std = model_cfg.init_std, sublayers.output_std(model_cfg)
         self.spec = engine_spec(p, model_cfg.norm_eps)
         self.kernel = p.kernel  # the chunk scan's implementation: memjax.kernels.neural_memory.api
         self.heads, self.head_dim, self.dtype, self.eps = h, dh, dtype, model_cfg.norm_eps
@@ -98,8 +98,10 @@ class NeuralMemory(nnx.Module):
             self.feature_coefficients = nnx.Param(jnp.asarray(exp_kernel, jnp.float32), logical_axes=("feature_degree",))
         else:
             self.feature_coefficients = exp_kernel  # fixed: a constant of the computation
+        # The memory's weights before the first token: the start of a recurrence, not a weight of the
+        # model's matmuls, so weight decay would only pull every sequence's memory towards zero.
         self.initial_state = nnx.List([
-            layers.param(rngs, (h, fan_in, fan_out), fan_in**-0.5, ("heads", "memory_in", "memory_out"))
+            layers.param(rngs, (h, fan_in, fan_out), fan_in**-0.5, ("heads", "memory_in", "memory_out"), decay=False)
             for fan_in, fan_out in engine.layer_shapes(self.spec, feature_dim(dh, self.degree), dh)
         ])
         self.out_norm = nnx.Param(jnp.ones((h, dh), jnp.float32), logical_axes=("heads", "head_dim"), decay=False)

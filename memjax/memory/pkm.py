@@ -40,7 +40,7 @@ from flax import nnx
 from memjax.kernels.dispatch import KERNEL_CHOICES
 from memjax.kernels.pkm_lookup import reference as lookup_reference
 from memjax.memory import bag
-from memjax.models import layers
+from memjax.models import layers, sublayers
 from memjax.models.attention import AttentionLayer
 from memjax.models.diagnostics import batch_sum, capture
 from memjax.models.registry import register
@@ -150,7 +150,9 @@ class ValueTable(nnx.Module):
         p = model_cfg.pkm
         v = value_dim(model_cfg)
         std = p.value_init_std or v**-0.5
-        self.table = layers.param(rngs, (p.n_keys**2, v), std, ("value_rows", "value_cols"))
+        # A lookup table: each row is read by the few tokens that select it, so weight decay (applied to
+        # every row every step) would erase rows faster than their sparse updates write them.
+        self.table = layers.param(rngs, (p.n_keys**2, v), std, ("value_rows", "value_cols"), decay=False)
 
 
 class ProductKeyMemory(nnx.Module):
@@ -160,7 +162,6 @@ class ProductKeyMemory(nnx.Module):
         p = model_cfg.pkm
         d, v, h, kd = model_cfg.d_model, value_dim(model_cfg), p.heads, p.k_dim
         dtype = jnp.dtype(model_cfg.dtype)
-        out_std = model_cfg.init_std / (2 * model_cfg.num_layers) ** 0.5
         self.heads, self.k, self.dtype, self.eps = h, p.k, dtype, model_cfg.norm_eps
         self.query_norm, self.memory_plus, self.use_gate = p.query_norm, p.memory_plus, p.gate
         self.shard_axis, self.shard_mode, self.kernel = p.value_shard_axis, p.value_shard_mode, p.kernel
@@ -177,7 +178,8 @@ class ProductKeyMemory(nnx.Module):
         if p.memory_plus:
             self.w1 = layers.Dense((d,), (v,), ("embed", "pkm_value"), std=model_cfg.init_std, dtype=dtype, rngs=rngs)
             self.b1 = nnx.Param(jnp.zeros((v,), jnp.float32), logical_axes=("pkm_value",))
-            self.w2 = layers.Dense((v,), (d,), ("pkm_value", "embed"), std=out_std, dtype=dtype, rngs=rngs)
+            self.w2 = layers.Dense((v,), (d,), ("pkm_value", "embed"), std=sublayers.output_std(model_cfg), dtype=dtype,
+                                   rngs=rngs)
             self.b2 = nnx.Param(jnp.zeros((d,), jnp.float32), logical_axes=("embed",))
         if p.gate:
             self.gate = nnx.Param(jnp.zeros((d,), jnp.float32), logical_axes=("embed",))

@@ -32,66 +32,11 @@ from memjax.kernels import dispatch
 from memjax.kernels.neural_memory import api as neural_memory
 from memjax.kernels.neural_memory import engine
 from memjax.memory import neural
-from memjax.models import layers
+from memjax.models import layers, sublayers
 from memjax.models.diagnostics import batch_mean, capture
 from memjax.models.registry import Block, register
 
 HYBRIDS = ("none", "mag", "mal", "mac")
-
-
-class PrefixAttention(nnx.Module):
-    """Causal self-attention (optionally sliding-window) with learned persistent key/value pairs."""
-
-    def __init__(self, model_cfg, persistent: int, window: int, *, rngs: nnx.Rngs):
-        d, h = model_cfg.d_model, model_cfg.num_heads
-        dtype = jnp.dtype(model_cfg.dtype)
-        out_std = model_cfg.init_std / (2 * model_cfg.num_layers) ** 0.5
-        self.window, self.rope_base, self.num_heads, self.head_dim = window, model_cfg.rope_base, h, d // h
-        self.qkv = layers.Dense((d,), (3, h, d // h), ("embed", "qkv", "heads", "head_dim"), std=model_cfg.init_std,
-                                dtype=dtype, rngs=rngs)
-        self.out = layers.Dense((h, d // h), (d,), ("heads", "head_dim", "embed"), std=out_std, dtype=dtype, rngs=rngs)
-        self.num_persistent = persistent
-        if persistent:
-            self.persistent = layers.param(rngs, (persistent, d), 1.0, ("persistent", "embed"), decay=False)
-
-    def project(self, x_BxTxD, positions_BxT):
-        q, k, v = jnp.unstack(self.qkv(x_BxTxD), axis=2)
-        return layers.rope(q, positions_BxT, self.rope_base), layers.rope(k, positions_BxT, self.rope_base), v
-
-    def persistent_kv(self, batch: int, dtype):
-        _, pk, pv = jnp.unstack(self.qkv(self.persistent[...].astype(dtype)), axis=1)
-        return (jnp.broadcast_to(pk.astype(dtype), (batch, *pk.shape)),
-                jnp.broadcast_to(pv.astype(dtype), (batch, *pv.shape)))
-
-    def attend(self, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS):
-        """Attention over [persistent | given keys], the persistent ones always visible."""
-        if self.num_persistent:
-            pk, pv = self.persistent_kv(q_BxTxHxK.shape[0], k_BxSxHxK.dtype)
-            k_BxSxHxK, v_BxSxHxK = jnp.concatenate([pk, k_BxSxHxK], 1), jnp.concatenate([pv, v_BxSxHxK], 1)
-            visible = jnp.ones((*mask_BxTxS.shape[:2], self.num_persistent), bool)
-            mask_BxTxS = jnp.concatenate([visible, mask_BxTxS], axis=-1)
-        return self.out(layers.attend(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS))
-
-    def init_state(self, batch_size: int, max_len: int, dtype):
-        shape = (batch_size, max_len, self.num_heads, self.head_dim)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.zeros((), jnp.int32)}
-
-    def __call__(self, x_BxTxD, state=None):
-        batch, seq = x_BxTxD.shape[:2]
-        start = jnp.zeros((), jnp.int32) if state is None else state["index"]
-        pos_BxT = jnp.broadcast_to(start + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-        q, k, v = self.project(x_BxTxD, pos_BxT)
-        if state is None and 0 < self.window < seq:  # O(T x window), no T x T scores
-            pk, pv = self.persistent_kv(batch, k.dtype) if self.num_persistent else (None, None)
-            return self.out(layers.local_attend(q, k, v, self.window, pk, pv)), None
-        if state is None:
-            return self.attend(q, k, v, layers.attention_mask(pos_BxT, pos_BxT, self.window)), None
-        cache_k = jax.lax.dynamic_update_slice_in_dim(state["k"], k.astype(state["k"].dtype), start, axis=1)
-        cache_v = jax.lax.dynamic_update_slice_in_dim(state["v"], v.astype(state["v"].dtype), start, axis=1)
-        k_pos_BxS = jnp.broadcast_to(jnp.arange(cache_k.shape[1], dtype=jnp.int32), (batch, cache_k.shape[1]))
-        mask = layers.attention_mask(pos_BxT, k_pos_BxS, self.window, k_pos_BxS < start + seq)
-        y = self.attend(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask)
-        return y, {"k": cache_k, "v": cache_v, "index": start + seq}
 
 
 class NeuralMemoryBlock(Block):
@@ -159,14 +104,14 @@ class NeuralMemoryBlock(Block):
         self.memory = neural.NeuralMemory(p, cfg, rngs=rngs)
         if p.hybrid in ("mag", "mal", "mac"):
             window = p.window if p.hybrid != "mac" else 0
-            self.attention = PrefixAttention(cfg, p.persistent_tokens, window, rngs=rngs)
+            self.attention = sublayers.Attention(cfg, window=window, persistent=p.persistent_tokens, rngs=rngs)
         if p.hybrid == "mal":
             self.attention_norm = layers.RMSNorm(d, eps=cfg.norm_eps, dtype=dtype)
         if p.hybrid in ("mag", "mac"):
-            out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
             # Two norm scales stacked, not a matrix: never decayed.
             self.branch_norms = nnx.Param(jnp.ones((2, d), jnp.float32), logical_axes=("branch", "embed"), decay=False)
-            self.mix = layers.Dense((d,), (d,), ("embed", "embed_out"), std=out_std, dtype=dtype, rngs=rngs)
+            self.mix = layers.Dense((d,), (d,), ("embed", "embed_out"), std=sublayers.output_std(cfg), dtype=dtype,
+                                    rngs=rngs)
         if p.hybrid == "mac":
             h, dh = p.heads, d // p.heads
             self.segment = p.segment
@@ -175,17 +120,16 @@ class NeuralMemoryBlock(Block):
             self.retrieve_out = layers.Dense((h, dh), (d,), ("heads", "head_dim", "embed"), std=cfg.init_std,
                                              dtype=dtype, rngs=rngs)
         self.mlp_norm = layers.RMSNorm(d, eps=cfg.norm_eps, dtype=dtype)
-        self.mlp = layers.SwiGLU(d, layers.swiglu_width(d, cfg.d_ff), std=cfg.init_std,
-                                 out_std=cfg.init_std / (2 * cfg.num_layers) ** 0.5, dtype=dtype, rngs=rngs)
+        self.mlp = sublayers.feed_forward(cfg, rngs=rngs)
 
     def init_state(self, batch_size: int, max_len: int, dtype):
         state = {"memory": self.memory.init_state(batch_size)}
         if self.hybrid in ("mag", "mal"):
             state["attention"] = self.attention.init_state(batch_size, max_len, dtype)
         if self.hybrid == "mac":
-            shape = (batch_size, 2 * self.segment, self.attention.num_heads, self.attention.head_dim)
-            state.update({"segment_memory": state["memory"]["memory"], "k": jnp.zeros(shape, dtype),
-                          "v": jnp.zeros(shape, dtype), "index": jnp.zeros((), jnp.int32)})
+            # The KV cache of one segment: slots [0, s) hold its retrieved tokens, [s, 2s) its inputs.
+            state.update(self.attention.init_state(batch_size, 2 * self.segment, dtype))
+            state["segment_memory"] = state["memory"]["memory"]
         return state
 
     def init_carry(self, batch_size: int, dtype):
@@ -301,15 +245,12 @@ class NeuralMemoryBlock(Block):
             retrieved = self.retrieve(h_Bx1xD, segment_memory)
             q, k_h, v_h = self.attention.project(h_Bx1xD, pos)
             _, k_r, v_r = self.attention.project(retrieved, pos)
-            cache_k = jax.lax.dynamic_update_slice_in_dim(state["k"], k_r.astype(state["k"].dtype), i, axis=1)
-            cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k_h.astype(state["k"].dtype), s + i, axis=1)
-            cache_v = jax.lax.dynamic_update_slice_in_dim(state["v"], v_r.astype(state["v"].dtype), i, axis=1)
-            cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v_h.astype(state["v"].dtype), s + i, axis=1)
+            cache = sublayers.write_kv(sublayers.write_kv(state, k_r, v_r, i), k_h, v_h, s + i)
             slot = jnp.arange(2 * s) % s
             mask = jnp.broadcast_to(slot <= i, (batch, 1, 2 * s))
-            y = self.attention.attend(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask)
+            y = self.attention.attend(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), mask)
             remembered, mem_state, _ = self.memory.forward(y, state["memory"])
-            new = {"memory": mem_state, "segment_memory": segment_memory, "k": cache_k, "v": cache_v,
+            new = {"memory": mem_state, "segment_memory": segment_memory, "k": cache["k"], "v": cache["v"],
                    "index": state["index"] + 1}
             return new, self.gate(y, remembered)[0][:, 0]
 
@@ -365,6 +306,13 @@ class NeuralMemoryBlock(Block):
             if cfg.train.segments_per_step:  # a padded tail segment would be written into the carried memory
                 require(cfg.train.seq_len % p.segment == 0, f"{field}.segment",
                         f"must divide train.seq_len={cfg.train.seq_len} with train.segments_per_step > 0")
+        if cfg.train.segments_per_step:
+            # The carried memory's count of pending tokens (an incomplete chunk) is one for all lanes, which
+            # advance in step; a lane reset at a document start takes the start's pending tokens, which
+            # match that count only if every segment is whole chunks (else the lane misreads its pending
+            # tokens: its document does not start afresh).
+            require(cfg.train.seq_len % p.chunk == 0, f"{field}.chunk",
+                    f"must divide train.seq_len={cfg.train.seq_len} with train.segments_per_step > 0, got {p.chunk}")
 
     @classmethod
     def flops_per_token(cls, model_cfg, seq_len: int) -> float:
@@ -438,4 +386,4 @@ def memory_diagnostics(graphdef, params, batches) -> dict[str, float]:
     return batch_mean(_captured_diagnostics, graphdef, params, batches)
 
 
-__all__ = ["NeuralMemoryBlock", "PrefixAttention", "memory_diagnostics", "HYBRIDS"]
+__all__ = ["NeuralMemoryBlock", "memory_diagnostics", "HYBRIDS"]

@@ -1,63 +1,44 @@
 """Transformer blocks: pre-norm causal self-attention (full or sliding-window) + pre-norm SwiGLU.
 
-The carried state is a KV cache used for decoding: `{"k", "v": [B, S, H, K], "index": int32}`. With
-`state=None` the block attends within the given sequence only (training on packed rows).
+Both sublayers are memjax.models.sublayers' (shared with every block that attends). The carried state
+is the attention's KV cache, used for decoding (sublayers.init_kv_cache). With `state=None` the block attends within the given
+sequence only (training on packed rows).
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from memjax.models import layers
+from memjax.models import layers, sublayers
 from memjax.models.registry import Block, register
 
 
 class AttentionLayer(Block):
     def __init__(self, cfg, layer_index: int, *, shared=None, rngs: nnx.Rngs):
-        d, h = cfg.d_model, cfg.num_heads
-        k = d // h
+        d = cfg.d_model
         dtype = jnp.dtype(cfg.dtype)
-        out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
         self.window = self.window_of(cfg)
         self.rope_base = cfg.rope_base
         self.attn_norm = layers.RMSNorm(d, eps=cfg.norm_eps, dtype=dtype)
-        self.qkv = layers.Dense((d,), (3, h, k), ("embed", "qkv", "heads", "head_dim"), std=cfg.init_std, dtype=dtype, rngs=rngs)
-        self.out = layers.Dense((h, k), (d,), ("heads", "head_dim", "embed"), std=out_std, dtype=dtype, rngs=rngs)
+        # The attention sublayer's projections sit on the block itself (paths qkv/, out/: checkpoints
+        # have them there); sublayers.self_attention runs them as it runs every other block's.
+        self.qkv, self.out = sublayers.attention_projections(cfg, rngs=rngs)
         self.mlp_norm = layers.RMSNorm(d, eps=cfg.norm_eps, dtype=dtype)
-        d_ff = layers.swiglu_width(d, cfg.d_ff)
-        self.mlp = layers.SwiGLU(d, d_ff, std=cfg.init_std, out_std=out_std, dtype=dtype, rngs=rngs)
-        self.num_heads, self.head_dim = h, k
+        self.mlp = sublayers.feed_forward(cfg, rngs=rngs)
+        self.num_heads, self.head_dim = cfg.num_heads, d // cfg.num_heads
 
     @classmethod
     def window_of(cls, cfg) -> int:
         return 0
 
     def init_state(self, batch_size: int, max_len: int, dtype):
-        shape = (batch_size, max_len, self.num_heads, self.head_dim)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.zeros((), jnp.int32)}
+        return sublayers.init_kv_cache(batch_size, max_len, self.num_heads, self.head_dim, dtype)
 
     def __call__(self, x_BxTxD, state=None):
-        batch, seq = x_BxTxD.shape[:2]
-        q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = jnp.unstack(self.qkv(self.attn_norm(x_BxTxD)), axis=2)
-        start = jnp.zeros((), jnp.int32) if state is None else state["index"]
-        q_pos_BxT = jnp.broadcast_to(start + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-        q_BxTxHxK = layers.rope(q_BxTxHxK, q_pos_BxT, self.rope_base)
-        k_BxTxHxK = layers.rope(k_BxTxHxK, q_pos_BxT, self.rope_base)
-        if state is None and 0 < self.window < seq:
-            y_BxTxHxK = layers.local_attend(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, self.window)
-        elif state is None:
-            mask_BxTxT = layers.attention_mask(q_pos_BxT, q_pos_BxT, self.window)
-            y_BxTxHxK = layers.attend(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxTxT)
-        else:
-            cache_k = jax.lax.dynamic_update_slice_in_dim(state["k"], k_BxTxHxK.astype(state["k"].dtype), start, axis=1)
-            cache_v = jax.lax.dynamic_update_slice_in_dim(state["v"], v_BxTxHxK.astype(state["v"].dtype), start, axis=1)
-            k_pos_BxS = jnp.broadcast_to(jnp.arange(cache_k.shape[1], dtype=jnp.int32), (batch, cache_k.shape[1]))
-            mask_BxTxS = layers.attention_mask(q_pos_BxT, k_pos_BxS, self.window, k_pos_BxS < start + seq)
-            y_BxTxHxK = layers.attend(q_BxTxHxK, cache_k.astype(q_BxTxHxK.dtype), cache_v.astype(q_BxTxHxK.dtype), mask_BxTxS)
-            state = {"k": cache_k, "v": cache_v, "index": start + seq}
-        x_BxTxD = x_BxTxD + self.out(y_BxTxHxK)
+        attended_BxTxD, state = sublayers.self_attention(self.qkv, self.out, self.attn_norm(x_BxTxD), state,
+                                                         window=self.window, rope_base=self.rope_base)
+        x_BxTxD = x_BxTxD + attended_BxTxD
         x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
         return x_BxTxD, state
 
