@@ -32,7 +32,8 @@ def get_config():
     cfg.optim.lr = 3e-4
     cfg.optim.warmup_steps = 2000
     # The paper trains the values at 10x the base learning rate (1e-3 vs 1e-4), without weight decay.
-    cfg.optim.groups.pkm_values = ml_collections.ConfigDict({"pattern": VALUES_PATTERN, "lr_mult": 10.0, "weight_decay": 0.0})
+    cfg.optim.groups.pkm_values = ml_collections.ConfigDict(
+        {"pattern": VALUES_PATTERN, "lr_mult": 10.0, "weight_decay": 0.0})
     cfg.data.tokenizer = "bpe"
     cfg.data.bpe_vocab_size = 32768
     return cfg

@@ -31,5 +31,6 @@ def get_config():
     cfg.optim.warmup_steps = 100
     # The values are read sparsely (each row by few tokens per step): a larger learning rate, and no
     # weight decay, which would shrink every row at every step whether it was read or not.
-    cfg.optim.groups.pkm_values = ml_collections.ConfigDict({"pattern": VALUES_PATTERN, "lr_mult": 4.0, "weight_decay": 0.0})
+    cfg.optim.groups.pkm_values = ml_collections.ConfigDict(
+        {"pattern": VALUES_PATTERN, "lr_mult": 4.0, "weight_decay": 0.0})
     return cfg

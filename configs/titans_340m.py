@@ -3,7 +3,8 @@
 context, BPE with a 32,768-token vocabulary, AdamW lr 4e-4 cosine, weight decay 0.1, bfloat16 compute.
 339M parameters (counted with factory.abstract). A MAG layer holds about 18 d_model^2 parameters (attention
 4, the memory's projections 5, the gate's mix 1, the SwiGLU FFN 8) against a Transformer layer's 12, so
-the Transformer++ 340M shape (24 layers) would be 492M: 16 layers keep the count at the name. Memory settings, the variants and
+the Transformer++ 340M shape (24 layers) would be 492M: 16 layers keep the count at the name.
+Memory settings, the variants and
 the schedule as in configs/titans_170m.py."""
 
 import os

@@ -1,6 +1,7 @@
 """Quickstart Yaad (Miras, arXiv 2504.13173) alone: the quickstart's 4 layers, each x + Memory(norm x)
 then the SwiGLU FFN, no attention (hybrid "none", the paper's attention-free model), with the registered
-yaad memory (x + LN(W1 s(W2 x)), the Huber attentional bias with a learned threshold, gradient descent, retention by decay)
+yaad memory (x + LN(W1 s(W2 x)), the Huber attentional bias with a learned threshold, gradient descent,
+retention by decay)
 over 8 memory heads of width 16 (expansion 2: hidden width 32; the defaults' 4 heads x expansion 4 take
 2.4x as long per step), on the embedded corpus on CPU.
 Step time about 1.7 s (100 steps with `--config.train.steps=100 --config.optim.warmup_steps=20`, on 2

@@ -117,8 +117,7 @@ def _memory_problem(s: dict, dtype):
 def _memory_loss(spec, kernel, backend=None):
     import jax.numpy as jnp
 
-    from memjax.kernels.neural_memory import api
-    from memjax.kernels.neural_memory import engine
+    from memjax.kernels.neural_memory import api, engine
 
     def loss(state, momentum, streams, full):
         if kernel == "reference":
@@ -153,9 +152,9 @@ def check_neural_memory(s: dict) -> list[str]:
 
 
 def bench_neural_memory(s: dict, runs: int, warmup: int) -> list[dict]:
+    import bench_titans
     import jax
 
-    import bench_titans
     from memjax.kernels.neural_memory import api
 
     spec, state, momentum, streams, full = _memory_problem(s, s["dtype"])
@@ -193,7 +192,6 @@ def _bag_problem(tokens: int, slots: int, n: int, v: int, dtype, seed: int = 0):
     """A table, slot ids with repeats (a quarter of the rows drawn), softmax weights and an output
     cotangent."""
     import jax
-    import jax.numpy as jnp
 
     keys = jax.random.split(jax.random.key(seed), 4)
     table = (jax.random.normal(keys[0], (n, v)) * v**-0.5).astype(dtype)
@@ -239,9 +237,9 @@ def check_pkm_lookup(s: dict) -> list[str]:
 
 
 def bench_pkm_lookup(s: dict, runs: int, warmup: int) -> list[dict]:
+    import bench_titans
     import jax
 
-    import bench_titans
     from memjax.kernels.pkm_lookup import api
 
     n, slots = s["n_keys"] ** 2, s["heads"] * s["k"]

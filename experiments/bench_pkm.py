@@ -80,7 +80,8 @@ def main():
         cfg = base_config()
         m = cfg.model
         m.d_model, m.num_heads, m.num_layers, m.d_ff = args.d_model, max(args.d_model // 128, 1), 1, d_ff
-        m.pkm.heads, m.pkm.k, m.pkm.n_keys, m.pkm.k_dim, m.pkm.v_dim = args.heads, args.k, n_keys, args.k_dim, args.v_dim
+        m.pkm.heads, m.pkm.k, m.pkm.n_keys, m.pkm.k_dim, m.pkm.v_dim = (
+            args.heads, args.k, n_keys, args.k_dim, args.v_dim)
         return m
 
     class MemoryLayer(nnx.Module):

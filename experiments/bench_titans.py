@@ -89,7 +89,8 @@ def model_config(args, block: str, seq_len: int):
         name, _, field = key.partition(".")
         if name in m and isinstance(m[name], config_dict.ConfigDict) and field in m[name]:
             current = m[name][field]
-            m[name][field] = value.lower() in ("1", "true", "yes") if isinstance(current, bool) else type(current)(value)
+            m[name][field] = (value.lower() in ("1", "true", "yes") if isinstance(current, bool)
+                              else type(current)(value))
         else:
             raise SystemExit(f"error: --set {item}: no setting model.{key}")
     config.validate(cfg)

@@ -81,7 +81,8 @@ def main(argv=None):
     for num_facts, mixer in itertools.product(p["num_facts"], MIXERS):
         cfg = config(p, mixer, num_facts)
 
-        def run(workdir, cfg=cfg, meta=dict(num_facts=num_facts, mixer=mixer)):
+        # The defaults bind this iteration's values (read only, never mutated).
+        def run(workdir, cfg=cfg, meta=dict(num_facts=num_facts, mixer=mixer)):  # noqa: B006
             trained = study.train(cfg, workdir)
             scored = evaluate.evaluate_run(workdir, "facts", [cfg.train.seq_len], examples=p["examples"],
                                            batch_size=min(p["examples"], 256))
@@ -107,12 +108,13 @@ def main(argv=None):
         f"d_model {p['d_model']}, {p['num_layers']} layers, rows of {p['seq_len'] + 1} tokens (facts one after "
         f"another: a subject of the fewest tokens that name the world's subjects, then its attribute; two tokens "
         f"up to 16,129 facts, three beyond), batch {p['batch_size']} for {p['sightings']} sightings of each fact on "
-        f"average and at least {p['min_steps']} steps (the steps column), learning rate {p['lr']}; product-key memory {p['pkm']} in every layer; the dense "
+        f"average and at least {p['min_steps']} steps (the steps column), learning rate {p['lr']}; "
+        f"product-key memory {p['pkm']} in every layer; the dense "
         f"model's SwiGLU width gives the same forward FLOPs per token. "
         f"Accuracy over the facts of {p['examples']} held-out rows (chance: {chance}).",
         study.markdown_table(sorted(results, key=lambda r: (r["num_facts"], r["mixer"])),
-                             ["num_facts", "mixer", "accuracy", "steps", "d_ff", "ffn_flops_per_token", "params", "eval_loss",
-                              "seconds"],
+                             ["num_facts", "mixer", "accuracy", "steps", "d_ff", "ffn_flops_per_token", "params",
+                              "eval_loss", "seconds"],
                              {"accuracy": ".4f", "ffn_flops_per_token": ",.0f", "params": ",", "eval_loss": ".3f",
                               "seconds": ".0f"}),
         f"![facts]({figure.rsplit('/', 1)[-1]})",

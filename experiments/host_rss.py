@@ -2,7 +2,8 @@
 
     python experiments/host_rss.py [--steps 2000] [-- --config.train.checkpoint_every=0 ...]
 
-Prints RSS at each logged step and the growth from step 500 (after the first evaluations and checkpoints have compiled and started their threads) to the last step; writes
+Prints RSS at each logged step and the growth from step 500 (after the first evaluations and checkpoints have
+compiled and started their threads) to the last step; writes
 experiments/results/host_rss/rss.csv. Flat RSS means no per-step host leak (data pipeline, metrics,
 checkpointing: evaluation and checkpoints run every 250 steps so their cost is included).
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import pathlib
 import subprocess
 import sys

@@ -102,7 +102,8 @@ def main(argv=None):
                                 window=p["window"], vocab_size=model_vocab, seed=seed, evals=p["evals"],
                                 **(PKM_SETTINGS if mixer == "pkm" else {}))
 
-        def run(workdir, cfg=cfg, meta=dict(seq_len=seq_len, num_kv_pairs=kv, mixer=mixer, d_model=d, lr=lr,
+        # The defaults bind this iteration's values (read only, never mutated).
+        def run(workdir, cfg=cfg, meta=dict(seq_len=seq_len, num_kv_pairs=kv, mixer=mixer, d_model=d, lr=lr,  # noqa: B006
                                              seed=seed)):
             trained = study.train(cfg, workdir)
             scored = evaluate.evaluate_run(workdir, "mqar", [cfg.train.seq_len], examples=p["examples"],

@@ -18,7 +18,6 @@ import itertools
 import math
 
 import numpy as np
-
 import study
 
 PRESETS = {

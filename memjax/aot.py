@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from types import SimpleNamespace
+from typing import Any
 
 import jax
 import numpy as np
@@ -268,7 +269,7 @@ class OutOfMemory:
         return None
 
 
-def compile_timed(jitted, *args):
+def compile_timed(jitted, *args) -> tuple[jax.stages.Compiled | OutOfMemory, float]:
     """(compiled or OutOfMemory, seconds) of jitted.lower(*args).compile(). Any other error is raised."""
     start = time.perf_counter()
     try:
@@ -322,7 +323,8 @@ def format_report(report: AotReport) -> str:
     elif report.devices_per_chip == 1:
         per, where = "chip", f"{report.num_chips} chips"
     else:
-        per, where = f"device ({report.devices_per_chip} per chip)", f"{report.num_chips} chips, {report.num_devices} devices"
+        per, where = (f"device ({report.devices_per_chip} per chip)",
+                      f"{report.num_chips} chips, {report.num_devices} devices")
     unknown = "not reported (refused)" if report.refused else ""
     rows = [
         ("topology", f"{report.topology} ({report.device_kind}): {where}"),
@@ -345,9 +347,11 @@ def format_report(report: AotReport) -> str:
     if report.fits is None:
         verdict = f"FITS: unknown (no HBM figure for {report.device_kind!r})"
     elif report.fits:
-        verdict = f"FITS: yes ({report.needed / report.hbm:.0%} of HBM, {(report.hbm - report.needed) / GIB:.2f} GiB free)"
+        verdict = (f"FITS: yes ({report.needed / report.hbm:.0%} of HBM, "
+                   f"{(report.hbm - report.needed) / GIB:.2f} GiB free)")
     else:
-        verdict = f"FITS: NO ({report.needed / report.hbm:.0%} of HBM, {(report.needed - report.hbm) / GIB:.2f} GiB over)"
+        verdict = (f"FITS: NO ({report.needed / report.hbm:.0%} of HBM, "
+                   f"{(report.needed - report.hbm) / GIB:.2f} GiB over)")
         if report.refused:
             verdict += f"\ncompiler: {report.refused}"
     return "\n".join(lines + [verdict])
@@ -374,7 +378,7 @@ def device_hbm(devices) -> tuple[int | None, str]:
 # ---------------------------------------------------------------------------------------- train step
 
 
-def stand_in_tokenizer(data_cfg):
+def stand_in_tokenizer(data_cfg) -> Any:
     """A tokenizer with the configured vocabulary and nothing else: AOT needs shapes, not a trained BPE."""
     from memjax.data import ByteTokenizer
 
@@ -441,7 +445,8 @@ def _flags():
     from ml_collections import config_flags
 
     config = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
-    topology = flags.DEFINE_string("topology", None, "TPU slice, GENERATION:SHAPE in chips: v5e:8x8, v4:4x4x4, v5p:4x4x4.")
+    topology = flags.DEFINE_string("topology", None,
+                                   "TPU slice, GENERATION:SHAPE in chips: v5e:8x8, v4:4x4x4, v5p:4x4x4.")
     slices = flags.DEFINE_integer("num_slices", 1, "Slices joined over DCN (config.mesh.dcn_* splits them).")
     flags.mark_flags_as_required(["config", "topology"])
     return config, topology, slices

@@ -39,7 +39,8 @@ def _benchmark(run, steps: int, warmup: int) -> dict[str, float]:
     step_fn = trainer.make_train_step(run)
     rng = np.random.default_rng(0)
     shape = (cfg.train.batch_size, cfg.train.seq_len)
-    batch = {"inputs": rng.integers(0, 256, shape, dtype=np.int32), "targets": rng.integers(0, 256, shape, dtype=np.int32)}
+    batch = {"inputs": rng.integers(0, 256, shape, dtype=np.int32),
+             "targets": rng.integers(0, 256, shape, dtype=np.int32)}
     batch = parallel.global_batch(batch, run.mesh)
     for _ in range(warmup):
         state, stats = step_fn(state, batch)
@@ -74,12 +75,13 @@ def _benchmark(run, steps: int, warmup: int) -> dict[str, float]:
     return result
 
 
-def main(argv):
+def main(argv) -> None:
     del argv
     cfg = _CONFIG.value
     m, t = cfg.model, cfg.train
     print(f"benchmark: d_model={m.d_model} layers={m.num_layers} heads={m.num_heads} blocks={m.block_pattern} "
-          f"T={t.seq_len} batch={t.batch_size} dtype={m.dtype} on {jax.device_count()} x {jax.devices()[0].device_kind}")
+          f"T={t.seq_len} batch={t.batch_size} dtype={m.dtype} "
+          f"on {jax.device_count()} x {jax.devices()[0].device_kind}")
     result = benchmark(cfg, _STEPS.value, _WARMUP.value)
     width = max(map(len, result))
     for name, value in result.items():

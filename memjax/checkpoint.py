@@ -22,6 +22,7 @@ import os
 import re
 import sys
 import threading
+from typing import Any
 
 import grain
 import jax
@@ -265,7 +266,8 @@ class Checkpointer:
         self._failed = True
         reason = _io_reason(err) or _orbax_failures.first or f"{type(err).__name__}: {_first_line(err)}"
         intact = sorted((int(p.name) for p in epath.Path(self.directory).iterdir()
-                         if p.name.isdigit() and int(p.name) != step), reverse=True) if epath.Path(self.directory).is_dir() else []
+                         if p.name.isdigit() and int(p.name) != step),
+                        reverse=True) if epath.Path(self.directory).is_dir() else []
         last = (f"the last intact checkpoint is step {intact[0]} ({epath.Path(self.directory) / str(intact[0])}); "
                 "fix that and launch again to resume from it" if intact else
                 "no checkpoint of this run is intact yet; fix that and launch again to start over")
@@ -368,7 +370,7 @@ def load_params(workdir: str, abstract_params: dict, step: int | None = None) ->
     return params, step
 
 
-def abstract_like(tree):
+def abstract_like(tree) -> Any:
     return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
 
 

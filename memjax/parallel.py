@@ -5,7 +5,8 @@ The mesh has three named axes, each split into a within-slice (ICI) and an acros
 and `tensor` (heads, FFN width, vocabulary). Every parameter declares one logical axis name per dimension
 (`logical_axes` metadata); `RULES` maps the generic names onto mesh axes, each block adds the names only
 its parameters use (`axis_rules`, memjax.models.registry), and `rules(model_cfg)` is the whole table. A
-logical axis missing from the table is an error, never a silent replication. A dimension that the mapped mesh axes do not divide is replicated
+logical axis missing from the table is an error, never a silent replication.
+A dimension that the mapped mesh axes do not divide is replicated
 and reported once (`explain`).
 
 Computations that need the mesh at trace time (the sharded embedding bag, activation constraints) read
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -212,11 +214,11 @@ def state_specs(abstract_state: dict, params_spec: dict, mesh) -> dict:
     return out
 
 
-def named(mesh, specs):
+def named(mesh, specs) -> Any:
     return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
-def with_shardings(abstract_tree, shardings):
+def with_shardings(abstract_tree, shardings) -> Any:
     """ShapeDtypeStructs carrying the shardings (what orbax restores onto and what AOT compiles for)."""
     return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                   abstract_tree, shardings)
@@ -233,7 +235,7 @@ def global_batch(batch: dict, mesh) -> dict:
     return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
-def constrain(x, *logical):
+def constrain(x, *logical) -> jax.Array:
     """Pins an activation's sharding under the context mesh (a no-op without one)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:

@@ -41,7 +41,8 @@ class WorkdirLock:
         except BlockingIOError:
             holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(self.fd)
-            raise ConfigError(f"workdir {workdir} is in use by another run (pid {holder}); use another --workdir") from None
+            raise ConfigError(f"workdir {workdir} is in use by another run (pid {holder}); "
+                              "use another --workdir") from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, str(os.getpid()).encode(), 0)
 
@@ -87,7 +88,7 @@ def initial_guard_state() -> dict:
     }
 
 
-def guard_update(guard: dict, step, stats: dict, halt: bool):
+def guard_update(guard: dict, step, stats: dict, halt: bool) -> tuple[jax.Array, dict]:
     """(apply the update?, new guard state) for the step just computed, inside jit."""
     finite = jnp.stack([jnp.isfinite(stats[name]) for name in NONFINITE_METRICS])
     ok = finite.all()
@@ -271,5 +272,6 @@ def write_atomically(path: str, text: str) -> None:
 
 
 def write_run_info(workdir: str, cfg, vocab_size: int, tokenizer) -> None:
-    info = {**_model_and_tokenizer_settings(cfg), "vocab_size": vocab_size, "tokenizer": tokenizer_fingerprint(tokenizer)}
+    info = {**_model_and_tokenizer_settings(cfg), "vocab_size": vocab_size,
+            "tokenizer": tokenizer_fingerprint(tokenizer)}
     write_atomically(os.path.join(workdir, "run.json"), json.dumps(info, indent=2))

@@ -42,7 +42,7 @@ def sample_text(workdir: str, prompt: str, *, max_new_tokens: int, temperature: 
     return [tokenizer.decode([int(t) for t in row]) for row in jax.device_get(out_BxN)]
 
 
-def main(argv):
+def main(argv) -> None:
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)
     try:

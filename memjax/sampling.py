@@ -10,7 +10,8 @@ from flax import nnx
 
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k"))
-def generate(graphdef, params, prompt_BxP, key, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0):
+def generate(graphdef, params, prompt_BxP, key, *, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int = 0) -> jax.Array:
     """Token ids [B, max_new_tokens] continuing `prompt_BxP`: greedy at temperature 0, else sampled."""
     model = nnx.merge(graphdef, params)
     batch, prompt_len = prompt_BxP.shape

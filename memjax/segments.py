@@ -16,11 +16,16 @@ A carry is a pytree whose leaves hold the batch on axis 0 (or have no batch axis
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import jax
 import jax.numpy as jnp
 
+if TYPE_CHECKING:
+    import numpy as np
 
-def reset_lanes(carry, init, reset_B):
+
+def reset_lanes(carry, init, reset_B) -> Any:
     """`init` where reset_B is true, `carry` elsewhere (per batch lane)."""
 
     def pick(old, new):
@@ -32,12 +37,12 @@ def reset_lanes(carry, init, reset_B):
     return jax.tree_util.tree_map(pick, carry, init)
 
 
-def cut(carry, where):
+def cut(carry, where) -> Any:
     """stop_gradient on the carry where `where` (a traced bool) holds; identity elsewhere."""
     return jax.tree_util.tree_map(lambda c: jnp.where(where, jax.lax.stop_gradient(c), c), carry)
 
 
-def scan_segments(fn, carry, xs, *, bptt: int = 0, resets=None, init=None, remat: bool = False):
+def scan_segments(fn, carry, xs, *, bptt: int = 0, resets=None, init=None, remat: bool = False) -> tuple[Any, Any]:
     """lax.scan of fn over the segments of xs (leading axis), with truncation and resets (see above).
 
     bptt: 0 = backpropagate through every segment of this call. remat: recompute each segment's
@@ -59,13 +64,13 @@ def scan_segments(fn, carry, xs, *, bptt: int = 0, resets=None, init=None, remat
     return jax.lax.scan(body, carry, (jnp.arange(num), xs, resets))
 
 
-def batch_segments(batch):
+def batch_segments(batch) -> dict[str, jax.Array]:
     """A document batch ([B, S, L] fields, reset [B, S]) with the segment axis first."""
     return {name: jnp.moveaxis(x, 1, 0) for name, x in batch.items()}
 
 
 def document_loss_sums(model, batch, carry, *, bptt: int = 0, reset: bool = True, remat: bool = False,
-                       token_bytes=None):
+                       token_bytes=None) -> tuple[jax.Array, jax.Array, jax.Array, Any]:
     """Summed cross-entropy (nats), target count and target bytes (with `token_bytes`, else 0) of a
     document batch (memjax.data.documents) run segment by segment from `carry`, and the carry after
     its last segment. reset=False keeps the memories across document boundaries."""
@@ -85,7 +90,7 @@ def document_loss_sums(model, batch, carry, *, bptt: int = 0, reset: bool = True
     return *(jnp.sum(x) for x in sums), carry
 
 
-def long_nats(graphdef, params, ids_BxN, segment_len: int, *, progress: bool = False):
+def long_nats(graphdef, params, ids_BxN, segment_len: int, *, progress: bool = False) -> np.ndarray:
     """Per-token cross-entropy [B, N - 1] (nats) of sequences of any length N, run segment by segment
     with the model's carry: one jitted segment step, so memory does not grow with N. The tail segment
     is padded (only its valid targets count; a padded tail's writes are never read)."""

@@ -15,7 +15,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, ten
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv):
+def main(argv) -> None:
     del argv
     # orbax and grain log every checkpoint step at INFO through absl; keep the console for our messages.
     absl_logging.set_verbosity(absl_logging.WARNING)

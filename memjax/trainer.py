@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import jax
@@ -17,8 +18,8 @@ from tqdm import tqdm
 
 from memjax import checkpoint, config, flops, metrics, optim, parallel, reliability, segments
 from memjax.data import get_tokenizer, make_document_iterator, make_lm_iterator, task_batches
-from memjax.tasks.scoring import TaskScorer
 from memjax.models import factory
+from memjax.tasks.scoring import TaskScorer
 
 log = logging.getLogger("memjax")
 
@@ -130,11 +131,11 @@ def init_state(run: Run, params=None) -> dict:
     return state
 
 
-def initial_carry(run: Run, params, batch_size: int):
+def initial_carry(run: Run, params, batch_size: int) -> dict | None:
     return nnx.merge(run.graphdef, params).init_carry(batch_size)
 
 
-def loss_sums(graphdef, params, batch, token_bytes):
+def loss_sums(graphdef, params, batch, token_bytes) -> tuple[jax.Array, jax.Array | int, jax.Array]:
     """Summed cross-entropy (nats), token count and byte count of the targets; a batch with `weights`
     (a task's scored positions) gives the weighted sums, so only scored targets count."""
     logits_BxTxV, _ = nnx.merge(graphdef, params)(batch["inputs"])
@@ -146,7 +147,7 @@ def loss_sums(graphdef, params, batch, token_bytes):
     return nats_BxT.sum(), nats_BxT.size, bytes_BxT.sum()
 
 
-def make_train_step(run: Run):
+def make_train_step(run: Run) -> Callable:
     t = run.cfg.train
     accum = t.grad_accum_steps
 
@@ -231,7 +232,7 @@ def evaluate(eval_fn, params, batches, carry=None) -> dict[str, float]:
 
 
 def make_iterator(run: Run, split: str, shard_index: int, shard_count: int, *, shuffle: bool = True,
-                  repeat: bool = True):
+                  repeat: bool = True) -> Iterator[dict]:
     """Packed rows, whole documents in segments (train.segments_per_step > 0), or a generated task's
     examples (data.source = "task"; evaluation batches keep the fields its metric needs)."""
     t = run.cfg.train
@@ -319,7 +320,8 @@ def _train_locked(run: Run, workdir: str, train_iter, eval_batches) -> dict[str,
     flops_per_token = factory.flops_per_token(cfg.model, run.vocab_size, t.seq_len)
     peak, peak_source = flops.device_peak(cfg.model.dtype)
     peak *= run.mesh.size
-    log.info("model: %s parameters, %.3g FLOPs/token; peak %.3g FLOP/s (%s)", f"{n_params:,}", flops_per_token, peak, peak_source)
+    log.info("model: %s parameters, %.3g FLOPs/token; peak %.3g FLOP/s (%s)", f"{n_params:,}", flops_per_token, peak,
+             peak_source)
 
     train_step = make_train_step(run)
     token_bytes = jnp.asarray(run.tokenizer.token_bytes, jnp.float32)
@@ -365,7 +367,8 @@ def _train_locked(run: Run, workdir: str, train_iter, eval_batches) -> dict[str,
                     eval_carry = (initial_carry(run, state["params"], eval_batches[0]["inputs"].shape[0])
                                   if t.segments_per_step else None)
                     eval_metrics = evaluate(eval_fn, state["params"], eval_batches, eval_carry)
-                    eval_metrics.update(factory.eval_metrics(cfg.model, run.graphdef, state["params"], diagnostic_batches))
+                    eval_metrics.update(factory.eval_metrics(cfg.model, run.graphdef, state["params"],
+                                                             diagnostic_batches))
                     if scorer is not None:  # e.g. eval/mqar_accuracy
                         eval_metrics[f"eval/{scorer.metric}"] = scorer.score(state["params"], host_eval_batches)
                     writer.write(step, eval_metrics)

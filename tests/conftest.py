@@ -20,3 +20,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+# Modules whose tests compile many programs or train end to end: most of the suite's time (its
+# --durations list). `pytest -m "not slow"` leaves them out for a quick inner loop; CI runs them all.
+SLOW_MODULES = frozenset({"test_conformance", "test_sharding", "test_segments", "test_multihost", "test_reliability",
+                          "test_miras_configs", "test_titans_configs", "test_train"})
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)

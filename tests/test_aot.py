@@ -15,7 +15,8 @@ from tests.helpers import tiny_config
 
 GIB = 2**30
 needs_libtpu = pytest.mark.skipif(not aot.libtpu_available(),
-                                  reason='libtpu is not installed (pip install -e ".[tpu]" to compile for TPU topologies)')
+                                  reason='libtpu is not installed '
+                                         '(pip install -e ".[tpu]" to compile for TPU topologies)')
 
 
 def _update(w, x):
@@ -104,7 +105,8 @@ def test_report_states_the_verdict_on_its_last_lines():
     assert "64 chips" in fits and "data=1 x fsdp=64 x tensor=1" in fits and "12.3 s" in fits
     assert "model" in fits and "1M parameters" in fits
     assert fits.splitlines()[-1].startswith("FITS: yes (62% of HBM")
-    assert aot.format_report(_report(peak=20 * GIB)).splitlines()[-1].startswith("FITS: NO (125% of HBM, 4.00 GiB over)")
+    assert aot.format_report(_report(peak=20 * GIB)).splitlines()[-1].startswith(
+        "FITS: NO (125% of HBM, 4.00 GiB over)")
     refused = _report(peak=22 * GIB, hbm=int(15.75 * GIB), refused="RESOURCE_EXHAUSTED: Ran out of memory")
     text = aot.format_report(refused)
     assert refused.fits is False and "not reported (refused)" in text

@@ -46,7 +46,8 @@ def test_command_line_unknown_key_is_refused():
         ("model.dtype", "float16", r"config\.model\.dtype: 'float16' is not one of"),
         ("model.block_pattern", "attention,mamba", r"config\.model\.block_pattern: unknown block 'mamba'"),
         ("optim.warmup_steps", -1, r"config\.optim\.warmup_steps: must be >= 0"),
-        ("model.block_pattern", "attention,attention,atention", r"config\.model\.block_pattern: unknown block 'atention' \(did you mean 'attention'\?\)"),
+        ("model.block_pattern", "attention,attention,atention",
+         r"config\.model\.block_pattern: unknown block 'atention' \(did you mean 'attention'\?\)"),
         ("optim.schedule", "step", r"config\.optim\.schedule"),
         ("data.source", "text", r"config\.data\.paths: data\.source='text' needs data\.paths"),
         ("train.seq_len", 0, r"config\.train\.seq_len: must be positive"),
@@ -68,11 +69,13 @@ def test_invalid_values_name_the_field(field, value, message):
 def test_unknown_key_in_a_config_file_suggests_the_right_one():
     cfg = tiny_config()
     cfg.model.widht = 64
-    with pytest.raises(ConfigError, match=r"config\.model\.widht: unknown key \(did you mean 'width'|config\.model\.widht: unknown key"):
+    with pytest.raises(ConfigError, match=r"config\.model\.widht: unknown key \(did you mean 'width'"
+                                          r"|config\.model\.widht: unknown key"):
         validate(cfg)
     cfg = tiny_config()
     cfg.optim.groups.embeddings.lr_mul = 2.0
-    with pytest.raises(ConfigError, match=r"config\.optim\.groups\.embeddings\.lr_mul: unknown key \(did you mean 'lr_mult'\?\)"):
+    with pytest.raises(ConfigError, match=r"config\.optim\.groups\.embeddings\.lr_mul: unknown key "
+                                          r"\(did you mean 'lr_mult'\?\)"):
         validate(cfg)
 
 

@@ -45,7 +45,6 @@ from flax import nnx
 
 from memjax import config, optim, parallel, segments, trainer
 from memjax.data import ByteTokenizer
-from memjax.memory.titans import NeuralMemoryBlock
 from memjax.models import factory, registry
 from tests.helpers import split_calls, tiny_config, token_by_token
 from tests.test_sharding import MESHES, with_mesh
@@ -112,7 +111,8 @@ def carry_family(name: str, cfg) -> str:
 
 def carry_length(name: str, cfg) -> int:
     """Tokens per carried segment: whole segments of whatever the block writes per segment (LM2 writes
-    complete segments only, HMT takes whole ones, the neural memory whole chunks), at least 12. The cases run 2 such segments: (a)'s
+    complete segments only, HMT takes whole ones, the neural memory whole chunks), at least 12.
+    The cases run 2 such segments: (a)'s
     splits then start mid-segment and mid-chunk, and (shrunk) the one-call run is longer than the
     sliding windows (16), so it takes the blocked path that the cache never does."""
     settings = cfg.model.hmt if name == "hmt" else cfg.model.get(name, {})

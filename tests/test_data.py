@@ -98,7 +98,8 @@ def test_stdlib_deterministic_and_split():
 def test_packing_keeps_every_byte_in_order(corpus, prefetch):
     corpus.prefetch = prefetch
     seq_len, batch_size = 7, 2
-    it = make_lm_iterator(corpus, ByteTokenizer(), "train", seq_len=seq_len, batch_size=batch_size, seed=0, shuffle=False, repeat=False)
+    it = make_lm_iterator(corpus, ByteTokenizer(), "train", seq_len=seq_len, batch_size=batch_size, seed=0,
+                          shuffle=False, repeat=False)
     batches = list(it)
     assert batches
     for b in batches:
@@ -115,7 +116,8 @@ def test_packing_keeps_every_byte_in_order(corpus, prefetch):
 
 
 def test_validation_split_from_val_paths(corpus):
-    it = make_lm_iterator(corpus, ByteTokenizer(), "validation", seq_len=3, batch_size=1, seed=0, shuffle=False, repeat=False)
+    it = make_lm_iterator(corpus, ByteTokenizer(), "validation", seq_len=3, batch_size=1, seed=0, shuffle=False,
+                          repeat=False)
     stream = rows_of(list(it))
     assert ByteTokenizer().decode(stream) == "held out\n"[: len(stream)]
 
@@ -276,7 +278,8 @@ def test_arrayrecord_source(tmp_path):
     cfg = data_cfg(source="arrayrecord", paths=str(tmp_path / "*.arrayrecord"), val_fraction=0.0)
     source = build_source(cfg, "train")
     assert [source[i] for i in range(len(source))] == DOCS
-    val = data_cfg(source="arrayrecord", paths=str(tmp_path / "a.arrayrecord"), val_paths=str(tmp_path / "b.arrayrecord"))
+    val = data_cfg(source="arrayrecord", paths=str(tmp_path / "a.arrayrecord"),
+                   val_paths=str(tmp_path / "b.arrayrecord"))
     assert len(build_source(val, "train")) == 4 and len(build_source(val, "validation")) == 2
 
 

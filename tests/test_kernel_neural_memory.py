@@ -15,8 +15,7 @@ from jax.sharding import AxisType
 
 from memjax import aot, config
 from memjax.kernels import dispatch
-from memjax.kernels.neural_memory import api
-from memjax.kernels.neural_memory import engine
+from memjax.kernels.neural_memory import api, engine
 from memjax.models import factory
 from tests.helpers import tiny_config
 
@@ -186,7 +185,7 @@ def test_model_with_the_kernel_equals_the_reference_loss_and_gradients():
         graphdef, params = factory.build(cfg.model, 64, jax.random.key(0))
         ids = jax.random.randint(jax.random.key(1), (2, 20), 0, 64)  # 2 persistent + 19 inputs: a ragged tail
 
-        def loss(params):
+        def loss(params, graphdef=graphdef, ids=ids):
             logits, _ = nnx.merge(graphdef, params)(ids[:, :-1])
             return jnp.mean(jax.nn.log_softmax(logits) * jax.nn.one_hot(ids[:, 1:], 64))
 

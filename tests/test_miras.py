@@ -11,8 +11,15 @@ from flax import nnx
 
 from memjax.kernels.neural_memory import engine
 from memjax.memory import neural, titans
-from tests.test_titans import (VOCAB, assert_calls_equal_one_call, assert_trees_close, build, random_problem,
-                               run_engine, variant_config)
+from tests.test_titans import (
+    VOCAB,
+    assert_calls_equal_one_call,
+    assert_trees_close,
+    build,
+    random_problem,
+    run_engine,
+    variant_config,
+)
 
 FAMILIES = ("atlas", "omeganet", "moneta", "yaad", "memora", "deeptransformer", "dot")
 
@@ -43,7 +50,7 @@ def test_omega_window_gradient_equals_an_explicit_loop_over_the_window():
         expected = list(weights)
         for t in range(6):
             for i in range(t, t + spec.window):  # positions in the history-prefixed streams
-                grads = jax.grad(lambda ws: engine.objective_value(
+                grads = jax.grad(lambda ws, i=i: engine.objective_value(
                     spec, engine.apply_fixed(spec, ws, s["k"][i : i + 1]), s["v"][i : i + 1])[0])(weights)
                 expected = [e - s["gamma"][i] * g for e, g in zip(expected, grads)]
         assert_trees_close(end, expected, atol=1e-12)
@@ -109,7 +116,8 @@ def test_linear_hebbian_memory_with_truncated_exp_features_is_unnormalised_softm
         rng = np.random.default_rng(5)
         q, k, v = (rng.normal(size=(length, dim)) for _ in range(3))
         width = neural.feature_dim(dim, degree)
-        s = {"q": neural.features(jnp.asarray(q), coefficients, degree), "k": neural.features(jnp.asarray(k), coefficients, degree),
+        s = {"q": neural.features(jnp.asarray(q), coefficients, degree),
+             "k": neural.features(jnp.asarray(k), coefficients, degree),
              "v": jnp.asarray(v), "lr": jnp.ones(length), "mom": jnp.zeros(length), "keep": jnp.ones(length),
              "gamma": jnp.ones(length)}
         y, _, _, _ = run_engine(spec, [jnp.zeros((width, dim))], [jnp.zeros((width, dim))], s)

@@ -44,7 +44,8 @@ def test_parameters_marked_decay_false_are_never_decayed_and_matrices_are():
     assert seen == NOT_MATRICES
     # A group's own rate applies to its decayed members only.
     cfg.optim.groups.memory = {"pattern": r"/memory/", "lr_mult": 1.0, "weight_decay": 0.5}
-    rates = {optim.path_str(p): r for p, r in jax.tree_util.tree_flatten_with_path(optim.weight_decays(cfg.optim, model))[0]}
+    rates = {optim.path_str(p): r
+             for p, r in jax.tree_util.tree_flatten_with_path(optim.weight_decays(cfg.optim, model))[0]}
     assert rates["blocks/0/memory/gate_bias"] == 0.0 and rates["blocks/0/memory/out/kernel"] == 0.5
 
 

@@ -133,7 +133,8 @@ def test_bag_forward_backward_equal_dense_reference_with_repeated_indices(monkey
         np.testing.assert_allclose(dw, dw_ref, atol=1e-12)
         # The spec's formulas: dV = index_add(idx, w (x) g), dw = <V[idx], g>.
         index_add = np.zeros(table.shape)
-        np.add.at(index_add, np.asarray(idx).ravel(), (np.asarray(w)[..., None] * np.asarray(g)[:, None]).reshape(-1, 3))
+        np.add.at(index_add, np.asarray(idx).ravel(),
+                  (np.asarray(w)[..., None] * np.asarray(g)[:, None]).reshape(-1, 3))
         np.testing.assert_allclose(dtable, index_add, atol=1e-12)
         np.testing.assert_allclose(dw, np.einsum("mkv,mv->mk", np.asarray(table)[np.asarray(idx)], g), atol=1e-12)
         assert np.all(np.asarray(dtable)[4:] == 0)  # rows never read get nothing
@@ -203,8 +204,8 @@ def test_one_value_table_shared_by_all_memory_layers():
     tables = [path for path in flat if path.endswith("values/table")]
     assert tables == ["blocks/0/memory/values/table"] and flat[tables[0]].shape == (64, 32)
     assert model.blocks[0].memory.values is model.blocks[2].memory.values
-    assert optim.group_labels(load_config(config_file("pkm_quickstart")).optim, nnx.to_pure_dict(params))["blocks"][0]["memory"][
-        "values"]["table"] == "pkm_values"
+    assert optim.group_labels(load_config(config_file("pkm_quickstart")).optim,
+                              nnx.to_pure_dict(params))["blocks"][0]["memory"]["values"]["table"] == "pkm_values"
 
     # Gradient of the shared leaf = the sum of the gradients each layer gives its own copy.
     ids = jax.random.randint(jax.random.key(5), (2, 12), 0, VOCAB)

@@ -111,7 +111,8 @@ def test_sigterm_saves_and_exits_cleanly_and_the_next_launch_resumes(straight, t
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "SIGTERM received" in err and "stopped by SIGTERM" in err
-    saved = checkpoint.Checkpointer(checkpoint.directory(str(tmp_path)), keep=0, async_save=False, read_only=True).latest_step()
+    saved = checkpoint.Checkpointer(checkpoint.directory(str(tmp_path)), keep=0, async_save=False,
+                                    read_only=True).latest_step()
     assert saved is not None and 5 <= saved < STEPS
     trainer.train(tiny_config(**BASE), str(tmp_path))
     assert_same_params(params_of(tmp_path, tiny_config(**BASE))[0], straight)
@@ -121,7 +122,8 @@ def test_sigterm_saves_and_exits_cleanly_and_the_next_launch_resumes(straight, t
 def test_corrupt_checkpoint_falls_back_to_the_previous_one(straight, tmp_path, damage, caplog):
     cfg = tiny_config(**BASE, **{"train.checkpoint_every": 8, "train.stop_at_step": 16})
     trainer.train(cfg, str(tmp_path))
-    files = sorted(p for p in (tmp_path / "checkpoints" / "16" / "params").rglob("*") if p.is_file() and p.stat().st_size > 100)
+    files = sorted(p for p in (tmp_path / "checkpoints" / "16" / "params").rglob("*")
+                   if p.is_file() and p.stat().st_size > 100)
     target = max(files, key=lambda p: p.stat().st_size)
     if damage == "delete":
         target.unlink()
@@ -265,7 +267,8 @@ def test_warmup_longer_than_the_run_is_clamped_with_one_warning(tmp_path):
     [
         (["--config.train.stepz=5"], "error: config.train.stepz: unknown key (did you mean 'steps'?)"),
         (["--config.no_such_knob=3"], "error: config.no_such_knob: unknown key"),
-        (["--config.optim.groups.nope.lr_mult=2"], "error: config.optim.groups.nope.lr_mult: the config file defines no 'nope'"),
+        (["--config.optim.groups.nope.lr_mult=2"],
+         "error: config.optim.groups.nope.lr_mult: the config file defines no 'nope'"),
         (["--config.model.num_layers=1", "--config.model.block_pattern=attention,atention"],
          "error: config.model.block_pattern: unknown block 'atention' (did you mean 'attention'?)"),
         ("missing config", "error: --config: no such file: configs/no_such_config.py"),
@@ -296,4 +299,5 @@ def test_a_read_only_workdir_is_one_line(tmp_path):
     workdir.mkdir()
     workdir.chmod(0o555)
     status, lines = run_cli(workdir)
-    assert status != 0 and lines == [f"error: --workdir {workdir} is not writable; use another --workdir or fix its permissions"]
+    assert status != 0 and lines == [f"error: --workdir {workdir} is not writable; "
+                                     "use another --workdir or fix its permissions"]

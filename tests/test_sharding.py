@@ -78,7 +78,8 @@ def loss_and_grads(configs: dict):
         return sum(out.values()), out
 
     def build():
-        return {name: factory.build(c.model, runs[name].vocab_size, jax.random.key(0))[1] for name, c in configs.items()}
+        return {name: factory.build(c.model, runs[name].vocab_size, jax.random.key(0))[1]
+                for name, c in configs.items()}
 
     with jax.set_mesh(mesh):
         params = jax.jit(build, out_shardings=params_sharding)()
@@ -187,7 +188,8 @@ def test_memory_state_is_sharded_deliberately():
     cfg = with_mesh(tiny_config(**{"model.block_pattern": "titans_lmm,lm2,pkm", "model.num_layers": 3,
                                    "model.lm2.segment": 16, "train.batch_size": 8}), MESHES["mixed"])
     specs = {jax.tree_util.keystr(path): s.spec for path, s in
-             jax.tree_util.tree_leaves_with_path(trainer.setup(cfg, None, tokenizer=ByteTokenizer()).shardings["params"])}
+             jax.tree_util.tree_leaves_with_path(
+                 trainer.setup(cfg, None, tokenizer=ByteTokenizer()).shardings["params"])}
     assert specs["['blocks'][0]['memory']['initial_state'][0]"] == P("tensor", None, None)
     assert specs["['blocks'][1]['initial_memory']"] == P(None, "fsdp")
     assert specs["['blocks'][2]['memory']['values']['table']"] == P(None, "tensor")  # one leaf, shared
@@ -216,7 +218,8 @@ def test_optimizer_moments_follow_their_parameter_and_carries_split_by_lane():
 def test_an_indivisible_dimension_is_replicated_and_reported():
     mesh = parallel.make_mesh(with_mesh(tiny_config(), MESHES["mixed"]).mesh)
     notes = []
-    assert parallel.spec((3, 8), ("heads", "embed"), parallel.RULES, mesh, where="w", replicated=notes) == P(None, "fsdp")
+    assert parallel.spec((3, 8), ("heads", "embed"), parallel.RULES, mesh, where="w",
+                         replicated=notes) == P(None, "fsdp")
     assert notes == ["w dim heads=3 is not divisible by tensor=2"]
     # a mesh axis serves one dimension only
     assert parallel.spec((4, 4), ("embed", "embed"), parallel.RULES, mesh) == P("fsdp", None)

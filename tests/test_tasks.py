@@ -15,9 +15,9 @@ from memjax.tasks import (
     ignore_index_labels,
     make_task,
     make_task_iterator,
+    metrics,
     with_answer,
 )
-from memjax.tasks import metrics
 from memjax.tasks.filler import NOISE_TEXT, corpus_lines
 
 TOK = ByteTokenizer()

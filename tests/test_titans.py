@@ -62,7 +62,7 @@ def reference_loop(spec, state, momentum, s, freeze_every):
             frozen = list(a)
         window = slice(t, t + history + 1)  # in the history-prefixed k, v, gamma, delta
 
-        def window_loss(ws):
+        def window_loss(ws, window=window):
             pred = engine.apply_fixed(spec, ws, s["k"][window])
             losses = engine.objective_value(spec, pred, s["v"][window], s["delta"][window])
             return jnp.sum(s["gamma"][window] * losses)
@@ -111,13 +111,14 @@ def test_factored_inner_gradients_equal_jax_grad_per_token(arch, objective):
         weights, _, s = random_problem(np.random.default_rng(0), spec)
         inputs, deltas, losses = engine.gradient_factors(spec, weights, s["k"], s["v"], s["delta"])
         for t in range(s["k"].shape[0]):
-            expected = jax.grad(lambda ws: engine.objective_value(
+            expected = jax.grad(lambda ws, t=t: engine.objective_value(
                 spec, engine.apply_fixed(spec, ws, s["k"][t : t + 1]), s["v"][t : t + 1], s["delta"][t : t + 1])[0]
             )(weights)
             factored = [jnp.outer(h[t], d[t]) for h, d in zip(inputs, deltas)]
             assert_trees_close(factored, expected, atol=1e-12)
         np.testing.assert_allclose(
-            losses, engine.objective_value(spec, engine.apply_fixed(spec, weights, s["k"]), s["v"], s["delta"]), atol=1e-12
+            losses, engine.objective_value(spec, engine.apply_fixed(spec, weights, s["k"]), s["v"], s["delta"]),
+            atol=1e-12
         )
 
 
@@ -236,7 +237,8 @@ def test_the_memory_stores_key_value_pairs_and_reads_them_back(arch, step, sweep
 
     accuracy, error = recall(np.asarray(y[-pairs:]))
     assert accuracy >= 0.9 and error < 0.5, (accuracy, error)
-    accuracy_before, error_before = recall(np.asarray(engine.apply_fixed(spec, weights, jnp.asarray(keys, jnp.float32))))
+    accuracy_before, error_before = recall(
+        np.asarray(engine.apply_fixed(spec, weights, jnp.asarray(keys, jnp.float32))))
     assert accuracy_before <= 0.25 and error_before > 0.9, (accuracy_before, error_before)
 
 
@@ -335,7 +337,7 @@ def test_ragged_lengths_are_padded_and_masked():
     """A length that is not a multiple of the chunk (or of MAC's segment) gives the prefix of a longer run."""
     for name in ("titans_lmm", "titans_mac"):
         graphdef, params = build(variant_config(name))
-        forward = jax.jit(lambda ids: nnx.merge(graphdef, params)(ids)[0])
+        forward = jax.jit(lambda ids: nnx.merge(graphdef, params)(ids)[0])  # noqa: B023 (used in this iteration only)
         ids = jax.random.randint(jax.random.key(5), (1, 24), 0, VOCAB)
         np.testing.assert_allclose(forward(ids[:, :13]), forward(ids)[:, :13], atol=1e-5)
 
@@ -392,6 +394,7 @@ def test_model_flops_count_the_engine_not_the_memory_initial_state_as_matmuls():
     cfg = variant_config("titans_lmm", **{"model.titans_lmm.persistent_tokens": 2})
     _, params = build(cfg)
     leaves = [(jax.tree_util.keystr(path), x) for path, x in jax.tree_util.tree_leaves_with_path(params)]
-    matmul = sum(x.size for path, x in leaves if x.ndim >= 2 and "initial_state" not in path and "persistent" not in path)
+    matmul = sum(x.size for path, x in leaves
+                 if x.ndim >= 2 and "initial_state" not in path and "persistent" not in path)
     per_block = titans.TitansLMM.flops_per_token(cfg.model, 32)
     assert factory.flops_per_token(cfg.model, VOCAB, 32) == 6 * matmul + cfg.model.num_layers * per_block

@@ -455,7 +455,9 @@ case "$*" in
 *"queued-resources describe"*)
     if [[ -s $FAKE_DIR/qr ]]; then
         head -n 1 "$FAKE_DIR/qr"
-        if (($(wc -l < "$FAKE_DIR/qr") > 1)); then tail -n +2 "$FAKE_DIR/qr" > "$FAKE_DIR/qr.next"; mv "$FAKE_DIR/qr.next" "$FAKE_DIR/qr"; fi
+        if (($(wc -l < "$FAKE_DIR/qr") > 1)); then
+            tail -n +2 "$FAKE_DIR/qr" > "$FAKE_DIR/qr.next"; mv "$FAKE_DIR/qr.next" "$FAKE_DIR/qr"
+        fi
     else
         echo "ERROR: (gcloud.compute.tpus.queued-resources.describe) NOT_FOUND: Resource not found" >&2; exit 1
     fi ;;

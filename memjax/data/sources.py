@@ -267,7 +267,7 @@ class ArrayRecordSource:
         return f"ArrayRecordSource({len(self)} records in {len(self.paths)} files)"
 
 
-def build_source(data_cfg, split: str):
+def build_source(data_cfg, split: str) -> StdlibSource | TextFileSource | JsonlSource | ArrayRecordSource:
     """The documents of `split` ("train" or "validation") as a random-access source."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")

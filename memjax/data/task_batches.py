@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import inspect
 
+import grain
+
 from memjax.tasks import TASKS, TaskSource, make_task, make_task_iterator
 
 # What the train step reads; the other fields (answer_ids, label_ids, ...) only serve the task metrics.
@@ -87,7 +89,7 @@ class _Fields:
 
 
 def make_task_lm_iterator(cfg, tokenizer, split: str, *, batch_size: int, shard_index: int, shard_count: int,
-                          shuffle: bool, repeat: bool, fields=MODEL_FIELDS):
+                          shuffle: bool, repeat: bool, fields=MODEL_FIELDS) -> grain.DatasetIterator:
     """Batches of the config's task for `split` (all fields with fields=None)."""
     task = config_task(cfg, split, tokenizer)
     source = task if fields is None else _Fields(task, fields)

@@ -34,7 +34,8 @@ def _data_cfg(args) -> ml_collections.ConfigDict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="'stdlib' or comma-separated file globs")
-    parser.add_argument("--source", default="text", choices=["text", "jsonl", "arrayrecord"], help="format of --input files")
+    parser.add_argument("--source", default="text", choices=["text", "jsonl", "arrayrecord"],
+                        help="format of --input files")
     parser.add_argument("--jsonl_field", default="text")
     parser.add_argument("--vocab_size", type=int, default=4096)
     parser.add_argument("--out", required=True, help="where to write the tokenizer JSON")

@@ -26,7 +26,7 @@ embedding_bag_reference = reference.embedding_bag_dense
 
 
 def sharded_embedding_bag(table_NxV, idx_MxK, w_MxK, *, axis: str, mode: str = "columns", mesh=None,
-                          kernel: str = "auto"):
+                          kernel: str = "auto") -> jax.Array:
     """`embedding_bag` with the table sharded over mesh axis `axis`; tokens (M) are sharded over every
     mesh axis and M must be divisible by the mesh size (see `lookup` for padding); the sharded table
     dimension (V for columns, N for rows) must be divisible by the size of `axis`.
@@ -77,7 +77,7 @@ def sharded_embedding_bag(table_NxV, idx_MxK, w_MxK, *, axis: str, mode: str = "
     )(table_NxV, idx_MxK, w_MxK)
 
 
-def lookup(table_NxV, idx_MxK, w_MxK, *, axis: str = "", mode: str = "columns", kernel: str = "auto"):
+def lookup(table_NxV, idx_MxK, w_MxK, *, axis: str = "", mode: str = "columns", kernel: str = "auto") -> jax.Array:
     """The bag, sharded over `axis` of the context mesh when it has that axis with more than one
     device, else on one device. Tokens are padded to a multiple of the mesh size (decoding feeds one)."""
     mesh = jax.sharding.get_abstract_mesh()

@@ -134,11 +134,11 @@ class LM2Block(Block):
         # The recurrence runs for a whole document: never below float32.
         return jnp.promote_types(dtype, jnp.float32)
 
-    def init_carry(self, batch_size: int, dtype):
+    def init_carry(self, batch_size: int, dtype) -> dict[str, jax.Array]:
         m0_NxK = self.initial_memory[...].astype(self.memory_dtype(dtype))
         return {"memory": jnp.broadcast_to(m0_NxK, (batch_size, *m0_NxK.shape))}
 
-    def init_state(self, batch_size: int, max_len: int, dtype):
+    def init_state(self, batch_size: int, max_len: int, dtype) -> dict:
         return {
             "attention": self.attention.init_state(batch_size, max_len, dtype),
             "memory": self.init_carry(batch_size, dtype)["memory"],

@@ -46,7 +46,7 @@ def feature_dim(head_dim: int, degree: int) -> int:
     return head_dim if degree == 0 else sum(head_dim**i for i in range(degree + 1))
 
 
-def features(x_xK, coefficients, degree: int):
+def features(x_xK, coefficients, degree: int) -> jax.Array:
     """phi(x) = [c_1 x, c_0, c_2 x(x)x, .., c_p x^(x)p] (tensor powers, degree-1 block first so that a
     residual memory adds x), so that phi(q) . phi(k) = sum_i c_i^2 (q . k)^i: with c_i = 1/sqrt(i!)
     (the initialisation) the exponential kernel truncated at degree p. Degree 0: phi(x) = x."""
@@ -63,7 +63,7 @@ def _logit(p: float) -> float:
     return math.log(p) - math.log1p(-p)
 
 
-def l2_normalize(x, eps: float = 1e-6):
+def l2_normalize(x, eps: float = 1e-6) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
@@ -80,7 +80,8 @@ class NeuralMemory(nnx.Module):
         self.degree = p.feature_degree
         self.gate_names = ("theta", "eta", "alpha") + (("gamma",) if p.omega_window > 1 else ()) + (
             ("delta",) if p.objective == "huber" else ())
-        self.qkv = layers.Dense((d,), (3, h, dh), ("embed", "qkv", "heads", "head_dim"), std=std, dtype=dtype, rngs=rngs)
+        self.qkv = layers.Dense((d,), (3, h, dh), ("embed", "qkv", "heads", "head_dim"), std=std, dtype=dtype,
+                                rngs=rngs)
         if p.conv_kernel:
             self.conv = layers.param(rngs, (p.conv_kernel, 3, h, dh), p.conv_kernel**-0.5,
                                      ("conv", "qkv", "heads", "head_dim"))
@@ -95,7 +96,8 @@ class NeuralMemory(nnx.Module):
                                    logical_axes=("gates", "heads"), decay=False)
         exp_kernel = tuple(1.0 / math.sqrt(math.factorial(i)) for i in range(self.degree + 1))
         if self.degree and p.feature_learnable:
-            self.feature_coefficients = nnx.Param(jnp.asarray(exp_kernel, jnp.float32), logical_axes=("feature_degree",))
+            self.feature_coefficients = nnx.Param(jnp.asarray(exp_kernel, jnp.float32),
+                                                  logical_axes=("feature_degree",))
         else:
             self.feature_coefficients = exp_kernel  # fixed: a constant of the computation
         # The memory's weights before the first token: the start of a recurrence, not a weight of the
@@ -113,7 +115,7 @@ class NeuralMemory(nnx.Module):
 
     # --- state ----------------------------------------------------------------------------------
 
-    def inner_dtype(self, x):
+    def inner_dtype(self, x) -> jnp.dtype:
         # The inner loop runs in float32 at least (float64 under jax_enable_x64 for tests).
         return jnp.promote_types(x.dtype, jnp.float32)
 
@@ -146,7 +148,7 @@ class NeuralMemory(nnx.Module):
 
     # --- the layer ------------------------------------------------------------------------------
 
-    def streams(self, x_BxTxD, conv_state):
+    def streams(self, x_BxTxD, conv_state) -> tuple[dict[str, jax.Array], jax.Array | None]:
         """Per-token streams [B, H, T, ...] in the inner dtype (see engine.scan_chunks); new conv state."""
         raw_BxTx3xHxK = self.qkv(x_BxTxD)
         if self.conv_kernel:
@@ -172,7 +174,7 @@ class NeuralMemory(nnx.Module):
             streams["delta"] = jax.nn.softplus(gates["delta"])
         return {name: jnp.moveaxis(x, 1, 2) for name, x in streams.items()}, conv_state
 
-    def features(self, x):
+    def features(self, x) -> jax.Array:
         if not self.degree:
             return x
         coefficients = self.feature_coefficients
@@ -187,7 +189,8 @@ class NeuralMemory(nnx.Module):
             self.sow(nnx.Intermediate, "diagnostics", diagnostics)
         return out_BxTxD, new_state
 
-    def forward(self, x_BxTxD, state=None, *, aligned=False, prefix_done=False):
+    def forward(self, x_BxTxD, state=None, *, aligned=False,
+                prefix_done=False) -> tuple[jax.Array, dict | None, dict | None]:
         """(out, new state, diagnostics or None): a pure function of the module (usable in lax.scan)."""
         batch = x_BxTxD.shape[0]
         prefixed = self.num_persistent and state is None and not prefix_done

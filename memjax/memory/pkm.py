@@ -73,7 +73,7 @@ def candidate_pairs(k: int, half_k: int) -> tuple[np.ndarray, np.ndarray]:
 RECOMPUTE_SCORES_ABOVE = 8
 
 
-def product_key_topk(q_BxHxK, keys_Hx2xNxK2, k: int):
+def product_key_topk(q_BxHxK, keys_Hx2xNxK2, k: int) -> tuple[jax.Array, jax.Array]:
     """Top-k slots of each head over the n^2 product keys, without scoring them all.
 
     q_BxHxK: queries (any leading dims); keys_Hx2xNxK2: the two half-key codebooks of each head.
@@ -112,7 +112,7 @@ def product_key_topk(q_BxHxK, keys_Hx2xNxK2, k: int):
     return scores, (i * n + j).astype(jnp.int32)
 
 
-def chosen_scores(q_BxHxD, keys_HxNxD, idx_BxHxk):
+def chosen_scores(q_BxHxD, keys_HxNxD, idx_BxHxk) -> jax.Array:
     """<q[.., h], keys[h, idx[.., h, c]]> [B.., H, k], differentiable in q and keys.
 
     This is the transpose of a weighted embedding bag over the heads' stacked half-keys, so it reuses
@@ -186,7 +186,7 @@ class ProductKeyMemory(nnx.Module):
         # Set by `slot_usage` only: sown slots would otherwise be written in every training step.
         self.record_slots = False
 
-    def select(self, x_BxTxD):
+    def select(self, x_BxTxD) -> tuple[jax.Array, jax.Array]:
         """Float32 softmax weights and int32 slots [B, T, H, k] of every token and head."""
         q_BxTxHxK = self.query(x_BxTxD)
         q_BxTxHxK = q_BxTxHxK + self.query_bias[...].reshape(q_BxTxHxK.shape[-2:]).astype(self.dtype)
@@ -270,7 +270,7 @@ class ProductKeyMemoryBlock(AttentionLayer):
         return table
 
     @classmethod
-    def make_shared(cls, cfg, *, rngs):
+    def make_shared(cls, cfg, *, rngs) -> ValueTable:
         return ValueTable(cfg, rngs=rngs)
 
     @staticmethod
@@ -295,7 +295,8 @@ class ProductKeyMemoryBlock(AttentionLayer):
             f"without model.pkm.memory_plus the memory output is added to the residual: v_dim must be 0 or "
             f"d_model={d}, got {p.v_dim}",
         )
-        require(p.query_norm in QUERY_NORMS, "model.pkm.query_norm", f"{p.query_norm!r} is not one of {list(QUERY_NORMS)}")
+        require(p.query_norm in QUERY_NORMS, "model.pkm.query_norm",
+                f"{p.query_norm!r} is not one of {list(QUERY_NORMS)}")
         require(p.value_init_std >= 0, "model.pkm.value_init_std", "must be >= 0 (0 = v_dim^-1/2)")
         require(
             p.value_shard_mode in bag.SHARD_MODES,

@@ -122,7 +122,7 @@ class NeuralMemoryBlock(Block):
         self.mlp_norm = layers.RMSNorm(d, eps=cfg.norm_eps, dtype=dtype)
         self.mlp = sublayers.feed_forward(cfg, rngs=rngs)
 
-    def init_state(self, batch_size: int, max_len: int, dtype):
+    def init_state(self, batch_size: int, max_len: int, dtype) -> dict:
         state = {"memory": self.memory.init_state(batch_size)}
         if self.hybrid in ("mag", "mal"):
             state["attention"] = self.attention.init_state(batch_size, max_len, dtype)
@@ -132,11 +132,11 @@ class NeuralMemoryBlock(Block):
             state["segment_memory"] = state["memory"]["memory"]
         return state
 
-    def init_carry(self, batch_size: int, dtype):
+    def init_carry(self, batch_size: int, dtype) -> dict:
         """Segment recurrence carries the memory alone: attention (MAG / MAL / MAC) sees each segment."""
         return {"memory": self.memory.init_state(batch_size)}
 
-    def gate(self, attended_BxTxD, memory_BxTxD):
+    def gate(self, attended_BxTxD, memory_BxTxD) -> tuple[jax.Array, jax.Array]:
         """W_o(RMSNorm(attention) * sigmoid(RMSNorm(memory))): the memory gates the attention.
         Returns the output and the gate's mean (a diagnostic)."""
         scales = self.branch_norms[...]
@@ -178,7 +178,7 @@ class NeuralMemoryBlock(Block):
 
     # --- memory as context ----------------------------------------------------------------------
 
-    def retrieve(self, h_BxTxD, memory_state):
+    def retrieve(self, h_BxTxD, memory_state) -> jax.Array:
         """Tokens read from a fixed memory state (per sequence and head) at queries from h."""
         spec, inner = self.memory.spec, self.memory.inner_dtype(h_BxTxD)
         q = neural.l2_normalize(self.retrieve_query(h_BxTxD).astype(inner), self.eps)

@@ -1,7 +1,8 @@
 """Transformer blocks: pre-norm causal self-attention (full or sliding-window) + pre-norm SwiGLU.
 
 Both sublayers are memjax.models.sublayers' (shared with every block that attends). The carried state
-is the attention's KV cache, used for decoding (sublayers.init_kv_cache). With `state=None` the block attends within the given
+is the attention's KV cache, used for decoding (sublayers.init_kv_cache).
+With `state=None` the block attends within the given
 sequence only (training on packed rows).
 """
 
@@ -32,7 +33,7 @@ class AttentionLayer(Block):
     def window_of(cls, cfg) -> int:
         return 0
 
-    def init_state(self, batch_size: int, max_len: int, dtype):
+    def init_state(self, batch_size: int, max_len: int, dtype) -> dict:
         return sublayers.init_kv_cache(batch_size, max_len, self.num_heads, self.head_dim, dtype)
 
     def __call__(self, x_BxTxD, state=None):

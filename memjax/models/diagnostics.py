@@ -8,7 +8,8 @@ function is jitted once per function with the graph definition static, so an eva
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -29,7 +30,7 @@ def _jitted(per_batch: Callable):
     return jax.jit(per_batch, static_argnums=0)
 
 
-def per_batch(fn: Callable, graphdef, params, batches):
+def per_batch(fn: Callable, graphdef, params, batches) -> Iterator[Any]:
     """`fn(graphdef, params, inputs_BxT)` on each batch's "inputs", jitted, its results on the host."""
     jitted = _jitted(fn)
     for batch in batches:
@@ -46,7 +47,7 @@ def batch_mean(fn: Callable, graphdef, params, batches) -> dict[str, float]:
     return {name: total / count for name, total in totals.items()} if count else {}
 
 
-def batch_sum(fn: Callable, graphdef, params, batches):
+def batch_sum(fn: Callable, graphdef, params, batches) -> Any:
     """The elementwise sum over batches of `fn`'s array tree (in the arrays' own dtype), or None."""
     total = None
     for values in per_batch(fn, graphdef, params, batches):

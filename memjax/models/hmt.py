@@ -60,14 +60,14 @@ from memjax.models.factory import count_matmul_params
 from memjax.models.lm import DecoderLM
 
 
-def backbone_hidden(backbone: DecoderLM, x_BxTxD):
+def backbone_hidden(backbone: DecoderLM, x_BxTxD) -> jax.Array:
     """The backbone on input embeddings: every block alone (state None), then the final norm."""
     for block in backbone.blocks:
         x_BxTxD, _ = block(x_BxTxD, None)
     return backbone.final_norm(x_BxTxD)
 
 
-def backbone_logits(backbone: DecoderLM, h_BxTxD):
+def backbone_logits(backbone: DecoderLM, h_BxTxD) -> jax.Array:
     """float32 logits of final-norm hidden states, as DecoderLM's head computes them."""
     if backbone.head is None:
         return backbone.embed.attend(h_BxTxD)
@@ -128,7 +128,7 @@ class HMT(registry.Wrapper):
 
     # --- one segment ------------------------------------------------------------------------------
 
-    def search(self, carry, x_BxLxD):
+    def search(self, carry, x_BxLxD) -> tuple[jax.Array, jax.Array]:
         """P_n [B, D] and the recall weights [B, N] (zero on invalid entries and when not recalled)."""
         batch, _, d = x_BxLxD.shape
         dtype = x_BxLxD.dtype
@@ -147,7 +147,7 @@ class HMT(registry.Wrapper):
         p_BxD = jnp.einsum("bn,bnd->bd", weights_BxN.astype(dtype), cache_BxNxD)
         return jnp.where(count_B[:, None] > 0, p_BxD, p0_BxD), weights_BxN
 
-    def encode(self, carry, x_BxLxD):
+    def encode(self, carry, x_BxLxD) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Memory encoding: hidden states of the x positions [B, L, D], the new memory M_n [B, D] (None
         without memory) and the recall weights [B, N]."""
         parts, weights_BxN, p_Bx1xD = [], None, None
@@ -167,7 +167,7 @@ class HMT(registry.Wrapper):
             weights_BxN = jnp.zeros((x_BxLxD.shape[0], self.cache_size), jnp.float32)
         return h_BxSxD[:, start : start + x_BxLxD.shape[1]], m_BxD, weights_BxN
 
-    def advance(self, carry, x_BxLxD, m_BxD):
+    def advance(self, carry, x_BxLxD, m_BxD) -> dict:
         """The carry after a whole segment x with memory m."""
         new = {}
         if self.memory:
@@ -192,7 +192,7 @@ class HMT(registry.Wrapper):
             return self._decode(ids_BxT, states)
         return self.run(self.backbone.embed(ids_BxT), states)
 
-    def run(self, x_BxTxD, carry=None):
+    def run(self, x_BxTxD, carry=None) -> tuple[jax.Array, dict | None]:
         """The model on input embeddings (what __call__ does after the embedding lookup)."""
         batch, length, d = x_BxTxD.shape
         seg = self.segment_len
@@ -274,7 +274,8 @@ class HMT(registry.Wrapper):
         def backbone_pass(positions: int) -> float:
             if positions == 0:
                 return 0.0
-            return positions * (per_position + sum(blocks[name].flops_per_token(model_cfg, positions) for name in names))
+            return positions * (per_position + sum(blocks[name].flops_per_token(model_cfg, positions)
+                                                   for name in names))
 
         memory, recall = p.memory, p.memory and p.recall
         total = backbone_pass(seg + p.sensory_tokens + 2 * memory) + 6.0 * vocab_size * model_cfg.d_model * seg

@@ -16,7 +16,8 @@ from flax import nnx
 from memjax import parallel
 
 
-def param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, axes: tuple[str, ...], *, decay: bool = True) -> nnx.Param:
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, axes: tuple[str, ...], *,
+          decay: bool = True) -> nnx.Param:
     """A truncated-normal float32 parameter. `decay=False` exempts a 2-D one that is no weight matrix (an
     initial state, persistent tokens) from weight decay (memjax.optim)."""
     assert len(shape) == len(axes), (shape, axes)
@@ -51,7 +52,7 @@ class Embed(nnx.Module):
         table_VxD = parallel.constrain(self.embedding[...], None, None)
         return jnp.take(table_VxD, ids_BxT, axis=0).astype(self.dtype)
 
-    def attend(self, x_BxTxD):
+    def attend(self, x_BxTxD) -> jax.Array:
         """Logits against the embedding table (tied output head), in float32."""
         return jnp.einsum("btd,vd->btv", x_BxTxD, self.embedding[...].astype(x_BxTxD.dtype)).astype(jnp.float32)
 
@@ -65,7 +66,7 @@ class RMSNorm(nnx.Module):
         return (rms_normalize(x, self.eps) * self.scale[...]).astype(self.dtype)
 
 
-def rms_normalize(x, eps: float):
+def rms_normalize(x, eps: float) -> jax.Array:
     """x / RMS(x) over the last axis, in float32 at least whatever the input dtype (bf16 sums of
     squares lose too much)."""
     x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
@@ -87,7 +88,7 @@ def swiglu_width(d_model: int, d_ff: int) -> int:
     return d_ff or -(-int(8 * d_model / 3) // 64) * 64
 
 
-def rope(x_BxTxHxK, positions_BxT, base: float):
+def rope(x_BxTxHxK, positions_BxT, base: float) -> jax.Array:
     """Rotary position embedding (rotate-half form), computed in float32."""
     half = x_BxTxHxK.shape[-1] // 2
     inv_freq_K2 = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
@@ -98,7 +99,7 @@ def rope(x_BxTxHxK, positions_BxT, base: float):
     return out.astype(x_BxTxHxK.dtype)
 
 
-def attention_mask(q_pos_BxT, k_pos_BxS, window: int, k_valid_BxS=None):
+def attention_mask(q_pos_BxT, k_pos_BxS, window: int, k_valid_BxS=None) -> jax.Array:
     """True where query t may attend key s: causal, and within `window` tokens (itself included)."""
     delta_BxTxS = q_pos_BxT[:, :, None] - k_pos_BxS[:, None, :]
     mask = delta_BxTxS >= 0
@@ -109,7 +110,7 @@ def attention_mask(q_pos_BxT, k_pos_BxS, window: int, k_valid_BxS=None):
     return mask
 
 
-def attend(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS):
+def attend(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS) -> jax.Array:
     """Softmax attention with float32 scores. Every query must be allowed at least one key (causal
     self-attention always allows itself)."""
     scale = 1.0 / math.sqrt(q_BxTxHxK.shape[-1])
@@ -119,7 +120,8 @@ def attend(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS):
     return jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS.astype(v_BxSxHxK.dtype), v_BxSxHxK)
 
 
-def local_attend(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, window: int, prefix_k_BxPxHxK=None, prefix_v_BxPxHxK=None):
+def local_attend(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, window: int, prefix_k_BxPxHxK=None,
+                 prefix_v_BxPxHxK=None) -> jax.Array:
     """Causal sliding-window self-attention (key s visible to query t when 0 <= t - s < window) in
     O(T x window): queries in blocks of `window` attend to their own block and the previous one, so
     nothing of size T x T is formed. Optional prefix keys/values (persistent tokens) are visible to

@@ -17,6 +17,7 @@ tables. Nothing here reads them before `load()`.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 from flax import nnx
 
@@ -68,7 +69,7 @@ class Block(nnx.Module):
         6 x matmul parameters), e.g. the attention score term."""
         return 0.0
 
-    def init_carry(self, batch_size: int, dtype):
+    def init_carry(self, batch_size: int, dtype) -> dict | None:
         """The state carried from one segment of a document to the next in segment-recurrent training and
         long evaluation (memjax.segments): constant in size (a memory, not a KV cache). None: the block
         carries nothing, each segment is processed alone."""
@@ -111,7 +112,7 @@ class Wrapper(nnx.Module):
         return {}
 
 
-def register(name: str):
+def register(name: str) -> Callable[[type], type]:
     def decorate(cls):
         if not issubclass(cls, Block):
             raise TypeError(f"block {name!r}: {cls.__name__} does not subclass registry.Block")
@@ -124,7 +125,7 @@ def register(name: str):
     return decorate
 
 
-def register_wrapper(name: str):
+def register_wrapper(name: str) -> Callable[[type], type]:
     def decorate(cls):
         if not issubclass(cls, Wrapper):
             raise TypeError(f"wrapper {name!r}: {cls.__name__} does not subclass registry.Wrapper")

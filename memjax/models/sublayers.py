@@ -51,7 +51,7 @@ def feed_forward(model_cfg, *, rngs: nnx.Rngs) -> layers.SwiGLU:
 # --- the computation, on projections held anywhere ---------------------------------------------------
 
 
-def project(qkv: layers.Dense, x_BxTxD, positions_BxT, rope_base: float):
+def project(qkv: layers.Dense, x_BxTxD, positions_BxT, rope_base: float) -> tuple[jax.Array, jax.Array, jax.Array]:
     """q, k, v [B, T, H, K] of x at these positions, RoPE applied to q and k."""
     q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = jnp.unstack(qkv(x_BxTxD), axis=2)
     return layers.rope(q_BxTxHxK, positions_BxT, rope_base), layers.rope(k_BxTxHxK, positions_BxT, rope_base), v_BxTxHxK
@@ -71,7 +71,7 @@ def write_kv(cache: dict, k_BxTxHxK, v_BxTxHxK, at) -> dict:
     return {**cache, "k": write(cache["k"], k_BxTxHxK), "v": write(cache["v"], v_BxTxHxK)}
 
 
-def attend(out: layers.Dense, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS, prefix_kv=None):
+def attend(out: layers.Dense, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS, prefix_kv=None) -> jax.Array:
     """out(softmax attention) over [prefix | given keys], the prefix (persistent pairs [B, P, H, K])
     visible to every query."""
     if prefix_kv is not None:
@@ -84,7 +84,7 @@ def attend(out: layers.Dense, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS, prefi
 
 
 def self_attention(qkv: layers.Dense, out: layers.Dense, x_BxTxD, state=None, *, window: int, rope_base: float,
-                   prefix_kv=None):
+                   prefix_kv=None) -> tuple[jax.Array, dict | None]:
     """Causal self-attention of x (already normalised) and the new KV cache.
 
     state None: x is a whole sequence from position 0; a sliding window shorter than it runs blocked
@@ -128,10 +128,10 @@ class Attention(nnx.Module):
             self.persistent = layers.param(rngs, (persistent, model_cfg.d_model), 1.0, ("persistent", "embed"),
                                            decay=False)
 
-    def project(self, x_BxTxD, positions_BxT):
+    def project(self, x_BxTxD, positions_BxT) -> tuple[jax.Array, jax.Array, jax.Array]:
         return project(self.qkv, x_BxTxD, positions_BxT, self.rope_base)
 
-    def persistent_kv(self, batch: int, dtype):
+    def persistent_kv(self, batch: int, dtype) -> tuple[jax.Array, jax.Array] | None:
         """Keys and values [B, P, H, K] of the persistent tokens, or None without them."""
         if not self.num_persistent:
             return None
@@ -139,7 +139,7 @@ class Attention(nnx.Module):
         return (jnp.broadcast_to(pk_PxHxK.astype(dtype), (batch, *pk_PxHxK.shape)),
                 jnp.broadcast_to(pv_PxHxK.astype(dtype), (batch, *pv_PxHxK.shape)))
 
-    def attend(self, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS):
+    def attend(self, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS) -> jax.Array:
         """Output-projected attention over [persistent | given keys] under the given mask."""
         prefix = self.persistent_kv(q_BxTxHxK.shape[0], k_BxSxHxK.dtype)
         return attend(self.out, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS, prefix)

@@ -1,4 +1,5 @@
-"""Generated memory tasks (MQAR, closed-book fact recall, S-NIAH, BABILong-style bAbI QA) as seeded grain sources, with metrics.
+"""Generated memory tasks (MQAR, closed-book fact recall, S-NIAH, BABILong-style bAbI QA) as seeded grain sources,
+with metrics.
 
     task = make_task("niah_single", seq_len=4096, haystack="text", seed=1)
     batches = make_task_iterator(task, batch_size=8)     # dicts of [8, ...] numpy arrays

@@ -25,14 +25,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from memjax.kernels import dispatch
-from memjax.kernels.neural_memory import pallas_gpu, pallas_tpu, reference
-from memjax.kernels.neural_memory import engine
+from memjax.kernels.neural_memory import engine, pallas_gpu, pallas_tpu, reference
 
 OP = "neural_memory"
 BATCH_AXES, HEAD_AXIS = ("data", "fsdp"), "tensor"
@@ -68,7 +68,8 @@ def supported(spec: engine.Spec, in_dim: int, out_dim: int, on: str | None = Non
     return True, ""
 
 
-def scan_chunks(spec: engine.Spec, state, momentum, streams, full_N, with_after_loss=False, *, kernel="auto"):
+def scan_chunks(spec: engine.Spec, state, momentum, streams, full_N, with_after_loss=False, *,
+                kernel="auto") -> tuple[jax.Array, Any, Any, dict[str, jax.Array]]:
     """engine.scan_chunks (same arguments and results), by the kernel that `kernel` selects. The
     after-update inner loss (`with_after_loss`, evaluation diagnostics) always comes from the reference."""
     ok, why = supported(spec, streams["q"].shape[-1], streams["v"].shape[-1])
@@ -89,7 +90,8 @@ class _Kernel:
         return pallas_gpu if self.backend == "gpu" else pallas_tpu
 
 
-def fused_scan_chunks(spec: engine.Spec, state, momentum, streams, full_N, *, backend: str | None = None):
+def fused_scan_chunks(spec: engine.Spec, state, momentum, streams, full_N, *,
+                      backend: str | None = None) -> tuple[jax.Array, Any, Any, dict[str, jax.Array]]:
     """The kernel path of `scan_chunks`. `backend` ("tpu" or "gpu") picks the kernel; by default the
     platform's (the TPU kernel on CPU, in interpret mode)."""
     n = full_N.shape[0]

@@ -10,10 +10,11 @@ keep it between groups.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 
-from memjax.kernels.neural_memory import reference
-from memjax.kernels.neural_memory import engine
+from memjax.kernels.neural_memory import engine, reference
 
 
 def _is_index(x):
@@ -24,23 +25,23 @@ def _coef_layout(refs):
     return engine.linear_rows_layout(refs["xs"]["q"].shape[1])
 
 
-def load(refs, r):
+def load(refs, r) -> tuple[dict, Any]:
     chunk = {name: ref[r] for name, ref in refs["xs"].items()}
     coef = jax.tree_util.tree_map(lambda index: refs["coef"][(r, *index)], _coef_layout(refs), is_leaf=_is_index)
     return chunk, coef
 
 
-def store(refs, r, values):
+def store(refs, r, values) -> None:
     for ref, value in zip(jax.tree_util.tree_leaves(refs), jax.tree_util.tree_leaves(values)):
         ref[r] = value.astype(ref.dtype)
 
 
-def store_coef(ref, r, layout, values):
+def store_coef(ref, r, layout, values) -> None:
     for index, value in zip(jax.tree_util.tree_leaves(layout, is_leaf=_is_index), jax.tree_util.tree_leaves(values)):
         ref[(r, *index)] = value.astype(ref.dtype)
 
 
-def forward_group(spec, group: int, refs, first, carry):
+def forward_group(spec, group: int, refs, first, carry) -> Any:
     """Runs the group's chunks from carry = (state, momentum) (lists of [in, out] values), writing
     refs["y"] and refs["loss"]; returns the carry after the group."""
 
@@ -53,7 +54,7 @@ def forward_group(spec, group: int, refs, first, carry):
     return jax.lax.fori_loop(0, group, one_chunk, carry)
 
 
-def backward_group(spec, group: int, refs, first, start, d_carry, starts, barrier=lambda: None):
+def backward_group(spec, group: int, refs, first, start, d_carry, starts, barrier=lambda: None) -> Any:
     """The group's backward: recomputes its chunk-start states from `start` (its first chunk's) into the
     `starts` refs ([group, in, out] per map, for state and momentum), then runs the chunks in reverse from
     d_carry, the cotangents of the group's end (state, momentum). Writes refs["d_xs"] and refs["d_coef"];

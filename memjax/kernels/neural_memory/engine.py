@@ -43,12 +43,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 
-def gelu(x):
+def gelu(x) -> jax.Array:
     """Exact GELU x Phi(x), through erf: Mosaic (the TPU kernels) lowers erf, not the erfc of jax.nn.gelu.
     The two differ by rounding only (at most 1e-6 in float32, where 1 + erf cancels for x << 0)."""
     return 0.5 * x * (1.0 + jax.lax.erf(x * math.sqrt(0.5)))
@@ -106,12 +107,12 @@ def layer_shapes(spec: Spec, in_dim: int, out_dim: int | None = None) -> list[tu
     return [(widths[i], widths[i + 1]) for i in range(spec.depth)]
 
 
-def layer_norm(x, eps: float):
+def layer_norm(x, eps: float) -> jax.Array:
     centred = x - jnp.mean(x, axis=-1, keepdims=True)
     return centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
 
 
-def memory_apply(spec: Spec, linear, x_CxI):
+def memory_apply(spec: Spec, linear, x_CxI) -> jax.Array:
     """M(x), where `linear(l, h)` applies linear map l: the same code reads fixed weights, weights that
     change per token inside a chunk, and records the factors of the inner gradient. The residual adds
     the input's first out-width features (all of them when no feature map widens the keys)."""
@@ -131,11 +132,11 @@ def memory_apply(spec: Spec, linear, x_CxI):
     return h
 
 
-def apply_fixed(spec: Spec, weights, x_CxI):
+def apply_fixed(spec: Spec, weights, x_CxI) -> jax.Array:
     return memory_apply(spec, lambda layer, h: h @ weights[layer], x_CxI)
 
 
-def objective_value(spec: Spec, pred_CxD, target_CxD, delta_C=None):
+def objective_value(spec: Spec, pred_CxD, target_CxD, delta_C=None) -> jax.Array:
     """Per-token inner loss ("attentional bias"):
     l2: 1/2 ||r||^2 (the 1/2 makes theta the delta rule's beta), r = M(k) - v;
     lp: 1/p sum_j (r_j^2 + eps)^(p/2), a smooth |r|^p (Moneta; p = 2 gives l2's gradient exactly);
@@ -153,7 +154,8 @@ def objective_value(spec: Spec, pred_CxD, target_CxD, delta_C=None):
     return 0.5 * jnp.sum(r * r, axis=-1)
 
 
-def gradient_factors(spec: Spec, weights, k_KxI, v_KxD, delta_K=None):
+def gradient_factors(spec: Spec, weights, k_KxI, v_KxD,
+                     delta_K=None) -> tuple[list[jax.Array], list[jax.Array], jax.Array]:
     """Inputs h[l] [K, in] and output gradients d[l] [K, out] of every linear map at `weights`, such that
     token i's inner gradient for map l is h[l][i]^T d[l][i]; and the per-token loss [K].
 
@@ -176,7 +178,7 @@ def gradient_factors(spec: Spec, weights, k_KxI, v_KxD, delta_K=None):
     return inputs, deltas, losses_K
 
 
-def chunk_coefficients(lr_C, mom_C, keep_C, write_CxK=None):
+def chunk_coefficients(lr_C, mom_C, keep_C, write_CxK=None) -> jax.Array:
     """Coefficients of S_t (row 0) and A_t (row 1) on (S_0, A_0, g_1, .., g_K), t = 0..C: [C+1, 2, K+2].
 
     Token t maps (S, A) to (eta_t S + w_t . g, keep_t A + eta_t S + w_t . g), with write row w_t
@@ -203,7 +205,7 @@ def chunk_coefficients(lr_C, mom_C, keep_C, write_CxK=None):
     return jnp.concatenate([start_2xK[None], after_Cx2xK], axis=0)
 
 
-def newton_schulz(x_IxO, steps: int, eps: float = 1e-7):
+def newton_schulz(x_IxO, steps: int, eps: float = 1e-7) -> jax.Array:
     """k iterations of Muon's quintic Newton-Schulz map: an odd matrix polynomial of x / ||x||_F that
     pushes every singular value towards 1 (about [0.7, 1.2] after 5 steps), keeping the singular vectors."""
     a, b, c = NS_COEFFICIENTS
@@ -216,7 +218,7 @@ def newton_schulz(x_IxO, steps: int, eps: float = 1e-7):
     return x.T if tall else x
 
 
-def effective_weights(spec: Spec, state, scale_from=None):
+def effective_weights(spec: Spec, state, scale_from=None) -> list[jax.Array]:
     """The memory's weights from its state A (per map). qnorm divides by the scale of `scale_from`
     (default: the state itself); inside a chunk that is the chunk-start state."""
     if spec.retention == "softmax":
@@ -227,14 +229,14 @@ def effective_weights(spec: Spec, state, scale_from=None):
     return list(state)
 
 
-def qnorm_scale(spec: Spec, a):
+def qnorm_scale(spec: Spec, a) -> jax.Array:
     """||A||_q^(q-2) (entrywise q-norm), Moneta's normaliser, as a [1, 1] array (kernels lower vector
     powers, not scalar ones)."""
     norm = jnp.sum((a * a + spec.eps) ** (spec.q / 2), keepdims=True) ** (1.0 / spec.q)
     return norm ** (spec.q - 2)
 
 
-def write_matrix(spec: Spec, lr_C, gamma_K):
+def write_matrix(spec: Spec, lr_C, gamma_K) -> jax.Array:
     """Row t: the coefficients of the K = C + c - 1 window gradients in token t's write (-theta_t gamma_i
     over the c tokens ending at t; muon's momentum takes the gradients unscaled: -gamma_i)."""
     c, window = lr_C.shape[0], spec.window
@@ -244,7 +246,8 @@ def write_matrix(spec: Spec, lr_C, gamma_K):
     return -scale[:, None] * band_CxK
 
 
-def chunk_step(spec: Spec, state, momentum, chunk, with_after_loss=False):
+def chunk_step(spec: Spec, state, momentum, chunk,
+               with_after_loss=False) -> tuple[jax.Array, Any, Any, dict[str, jax.Array]]:
     """One chunk from the chunk-start state: outputs [C, D], the chunk-end (state, momentum) and stats.
 
     chunk: q [C, I], lr / mom / keep [C]; k [K, I], v [K, D], gamma [K] (and delta [K]) over the
@@ -267,13 +270,13 @@ def chunk_step(spec: Spec, state, momentum, chunk, with_after_loss=False):
     return y_CxD, new_state, new_momentum, stats
 
 
-def chunk_gates(spec: Spec, chunk):
+def chunk_gates(spec: Spec, chunk) -> jax.Array:
     """The chunk's (S_t, A_t) coefficients [C+1, 2, K+2] (`chunk_coefficients`): gates only, no state."""
     mom = jnp.zeros_like(chunk["mom"]) if spec.optimizer == "gd" else chunk["mom"]
     return chunk_coefficients(chunk["lr"], mom, chunk["keep"], write_matrix(spec, chunk["lr"], chunk["gamma"]))
 
 
-def chunk_loss(spec: Spec, losses_K):
+def chunk_loss(spec: Spec, losses_K) -> jax.Array:
     """Mean inner loss over the chunk's own tokens (not the window's earlier ones): a mask, not a slice,
     so that kernel bodies can use it."""
     own_K = jnp.arange(losses_K.shape[0]) >= spec.window - 1
@@ -284,7 +287,7 @@ def _tail(chunk, window):
     return chunk["delta"][window:] if "delta" in chunk else None
 
 
-def linear_rows(spec: Spec, coef):
+def linear_rows(spec: Spec, coef) -> jax.Array:
     """The rows of `coef` that the linear path uses, [C + 2, K + 2]: for each token the coefficients of
     the state it reads (A_t, or A_{t-1} when reading before the write), then those of the chunk-end A_C
     and S_C. Columns: S_0, A_0, then the window's gradients."""
@@ -316,7 +319,7 @@ def _combine(rows, state, momentum, inputs, deltas):
             for a, s, h, d in zip(state, momentum, inputs, deltas)]
 
 
-def chunk_step_linear(spec: Spec, state, momentum, chunk, coef):
+def chunk_step_linear(spec: Spec, state, momentum, chunk, coef) -> tuple[jax.Array, Any, Any, jax.Array]:
     """The linear path (decay or qnorm retention; GD or momentum) from the chunk-start (state, momentum):
     outputs [C, D], the chunk-end (state, momentum) and the per-token inner loss [K] at the chunk start.
     `coef`: `linear_coefficients`. Matmuls and elementwise ops only: the body of the fused kernels."""
@@ -349,7 +352,8 @@ def _per_token(rows_CxK2, start, momentum, inputs, deltas):
     ]
 
 
-def chunk_step_materialised(spec: Spec, state, weights, momentum, inputs, deltas, coef, chunk):
+def chunk_step_materialised(spec: Spec, state, weights, momentum, inputs, deltas, coef,
+                            chunk) -> tuple[jax.Array, Any, Any]:
     if spec.optimizer == "muon":
         s_t = _per_token(coef[1:, 0], state, momentum, inputs, deltas)
         orthogonal = [jax.vmap(partial(newton_schulz, steps=spec.ns_steps))(s) for s in s_t]
@@ -361,7 +365,8 @@ def chunk_step_materialised(spec: Spec, state, weights, momentum, inputs, deltas
         log_decay = jnp.sum(jnp.where((s < j) & (j <= t), log_keep_C, 0.0), axis=-1)  # [C, 1 + C]; s = -1: A_0
         decay = jnp.where(s[..., 0] <= t[..., 0], jnp.exp(log_decay), 0.0)
         written_CxC = decay[:, 1:] * chunk["lr"][None, :]
-        a_t = [decay[:, 0, None, None] * a + jnp.einsum("ts,sio->tio", written_CxC, n) for a, n in zip(state, orthogonal)]
+        a_t = [decay[:, 0, None, None] * a + jnp.einsum("ts,sio->tio", written_CxC, n)
+               for a, n in zip(state, orthogonal)]
         new_momentum = [x[-1] for x in s_t]
     else:
         a_t = _per_token(coef[1:, 1], state, momentum, inputs, deltas)
@@ -379,7 +384,7 @@ def remat_group(spec: Spec, n: int) -> int:
     return max(d for d in range(1, max(1, min(n, spec.remat_chunks)) + 1) if n % d == 0)
 
 
-def chunk_streams(spec: Spec, streams, n: int):
+def chunk_streams(spec: Spec, streams, n: int) -> dict[str, jax.Array]:
     """Streams [B, H, time, ...] (see `scan_chunks`) cut into N chunks: [B, H, N, C, ...], and the window
     streams [B, H, N, C + c - 1, ...] (each chunk with the c - 1 tokens before it)."""
     c, window = spec.chunk, spec.window - 1
@@ -393,7 +398,8 @@ def chunk_streams(spec: Spec, streams, n: int):
     return {name: per_chunk(name, x) for name, x in streams.items()}
 
 
-def scan_chunks(spec: Spec, state, momentum, streams, full_N, with_after_loss=False):
+def scan_chunks(spec: Spec, state, momentum, streams, full_N,
+                with_after_loss=False) -> tuple[jax.Array, Any, Any, dict[str, jax.Array]]:
     """Runs N chunks for a batch of sequences and heads.
 
     state / momentum: lists of [B, H, in, out]. streams: q [B, H, N*C, I] and lr, mom, keep [B, H, N*C]

@@ -14,6 +14,7 @@ Triton needs power-of-two loads of at least 16 rows for its matmuls, and lowers 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 from jax.experimental import pallas as pl
@@ -41,7 +42,7 @@ def _params():
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "group", "interpret"))
-def forward(spec, group: int, state, momentum, xs, coef, *, interpret=False):
+def forward(spec, group: int, state, momentum, xs, coef, *, interpret=False) -> tuple:
     """As pallas_tpu.forward (same arguments and results)."""
     bh, n = xs["q"].shape[:2]
     groups = n // group
@@ -77,7 +78,7 @@ def forward(spec, group: int, state, momentum, xs, coef, *, interpret=False):
 
 @functools.partial(jax.jit, static_argnames=("spec", "group", "interpret"))
 def backward(spec, group: int, state_res, momentum_res, xs, coef, dy, dloss, d_state, d_momentum, *,
-             interpret=False):
+             interpret=False) -> tuple[list[jax.Array], list[jax.Array], dict[str, jax.Array], Any]:
     """As pallas_tpu.backward (same arguments and results)."""
     bh, n = xs["q"].shape[:2]
     groups = n // group

@@ -68,7 +68,7 @@ def _block_shapes(tree, specs):
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "group", "interpret"))
-def forward(spec, group: int, state, momentum, xs, coef, *, interpret=False):
+def forward(spec, group: int, state, momentum, xs, coef, *, interpret=False) -> tuple:
     """state, momentum: lists of [BH, in, out]; xs: the chunk streams [BH, N, ...] and coef the
     coefficient rows [N, BH, C + 2, K + 2] (reference.kernel_inputs, batch and heads flattened).
     Returns y [BH, N, C, D], loss [BH, N, 1, 1], the final state and momentum, and the residuals: the
@@ -129,7 +129,7 @@ def forward(spec, group: int, state, momentum, xs, coef, *, interpret=False):
 
 @functools.partial(jax.jit, static_argnames=("spec", "group", "interpret"))
 def backward(spec, group: int, state_res, momentum_res, xs, coef, dy, dloss, d_state, d_momentum, *,
-             interpret=False):
+             interpret=False) -> tuple:
     """Cotangents of `forward`'s inputs (state, momentum, xs, coef) from its residuals and the cotangents
     of y, loss and the final state and momentum."""
     bh, n = xs["q"].shape[:2]

@@ -9,6 +9,7 @@ the chunk step vmapped over batch and heads). The kernels run the same per-chunk
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ scan_chunks = engine.scan_chunks
 ROWS_BATCH = 16  # chunks per step of the coefficient rows in `kernel_inputs`
 
 
-def kernel_inputs(spec: engine.Spec, streams, full_N):
+def kernel_inputs(spec: engine.Spec, streams, full_N) -> tuple[dict[str, jax.Array], jax.Array]:
     """What the kernels read, from the streams of `scan_chunks`: per chunk, [B, H, N, ...], q [C, I],
     k [K, I], v [K, D] (K = C + c - 1: the Omega window) and delta [1, K] (Huber); and the chunks'
     `engine.linear_rows` [N, B, H, C + 2, K + 2] (chunks first, as the kernels index them).
@@ -43,13 +44,13 @@ def kernel_inputs(spec: engine.Spec, streams, full_N):
     return xs, jnp.concatenate([rows[..., :-2, :], jnp.where(full, rows[..., -2:, :], keep)], axis=-2)
 
 
-def compute_dtype(dtype):
+def compute_dtype(dtype) -> jnp.dtype:
     """The kernels compute in float32 at least: Mosaic's matmuls accumulate in 32 bits, and the memory's
     recurrence compounds rounding (bfloat16 inputs and outputs are stored as such)."""
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def chunk_forward(spec: engine.Spec, state, momentum, chunk, coef):
+def chunk_forward(spec: engine.Spec, state, momentum, chunk, coef) -> tuple[jax.Array, Any, Any, jax.Array]:
     """One chunk of the kernels: outputs [C, D], the chunk-end (state, momentum) and the chunk's mean
     inner loss [1, 1], in `compute_dtype`. `coef`: the pieces of the chunk's `engine.linear_rows`
     (engine.linear_rows_layout)."""
@@ -61,7 +62,7 @@ def chunk_forward(spec: engine.Spec, state, momentum, chunk, coef):
     return y_CxD, new_state, new_momentum, jnp.reshape(engine.chunk_loss(spec, losses_K), (1, 1))
 
 
-def chunk_backward(spec: engine.Spec, state, momentum, chunk, coef, dy_CxD, d_state, d_momentum, dloss_1x1):
+def chunk_backward(spec: engine.Spec, state, momentum, chunk, coef, dy_CxD, d_state, d_momentum, dloss_1x1) -> tuple:
     """Cotangents of (chunk-start state, momentum, chunk, coef) from those of `chunk_forward`'s outputs."""
     _, vjp = jax.vjp(partial(chunk_forward, spec), state, momentum, chunk, coef)
     dtype = compute_dtype(dy_CxD.dtype)

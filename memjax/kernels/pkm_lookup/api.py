@@ -59,7 +59,7 @@ def resolve(table_NxV, kernel: str) -> str:
     return dispatch.resolve(OP, kernel, *support(table_NxV))
 
 
-def embedding_bag(table_NxV, idx_MxK, w_MxK, *, kernel: str = "auto"):
+def embedding_bag(table_NxV, idx_MxK, w_MxK, *, kernel: str = "auto") -> jax.Array:
     """y[m] = sum_k w[m, k] * table[idx[m, k]] in the table's dtype; idx int, in [0, N)."""
     if resolve(table_NxV, kernel) == "reference":
         return reference.embedding_bag(table_NxV, idx_MxK, w_MxK)

@@ -80,7 +80,7 @@ def _table_grad_kernel(row_ref, tok_ref, w_ref, end_ref, g_ref, zeros_ref, dtabl
     jax.lax.fori_loop(0, c_slots, add_slot, jnp.zeros((bv,), jnp.float32))
 
 
-def forward(table_NxV, idx_MxK, w_MxK, *, interpret=False):
+def forward(table_NxV, idx_MxK, w_MxK, *, interpret=False) -> jax.Array:
     """y_MxV (table dtype); M a multiple of TOKENS_PER_BLOCK; w float32."""
     m = idx_MxK.shape[0]
     v = table_NxV.shape[1]
@@ -98,7 +98,7 @@ def forward(table_NxV, idx_MxK, w_MxK, *, interpret=False):
     )(idx_MxK, w_MxK, table_NxV)
 
 
-def weights_grad(table_NxV, idx_MxK, g_MxV, *, interpret=False):
+def weights_grad(table_NxV, idx_MxK, g_MxV, *, interpret=False) -> jax.Array:
     """dw_MxK float32 = <table[idx_mk], g_m>."""
     m, k = idx_MxK.shape
     whole = pl.BlockSpec()
@@ -114,7 +114,7 @@ def weights_grad(table_NxV, idx_MxK, g_MxV, *, interpret=False):
     )(idx_MxK, g_MxV, table_NxV)
 
 
-def run_ends(rows_L):
+def run_ends(rows_L) -> jax.Array:
     """1 where a sorted slot closes its run within its chunk (the next slot names another row, or the
     chunk ends), else 0; int32 [L], L a multiple of SLOTS_PER_CHUNK."""
     last_in_chunk = (jnp.arange(rows_L.shape[0]) % SLOTS_PER_CHUNK) == SLOTS_PER_CHUNK - 1
@@ -122,7 +122,7 @@ def run_ends(rows_L):
     return (last_in_chunk | changes).astype(jnp.int32)
 
 
-def table_grad(n: int, rows_L, tok_L, w_L, g_MxV, *, interpret=False):
+def table_grad(n: int, rows_L, tok_L, w_L, g_MxV, *, interpret=False) -> jax.Array:
     """dV_NxV float32 from the slots sorted by row (rows_L, their tokens and weights), L a multiple of
     SLOTS_PER_CHUNK."""
     v = g_MxV.shape[1]

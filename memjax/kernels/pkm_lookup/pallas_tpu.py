@@ -116,12 +116,12 @@ def _token_blocked_call(kernel, table_NxV, idx_MxK, x_MxX, *, weights_grad: bool
     )(idx_MxK, x_MxX, table_NxV)
 
 
-def forward(table_NxV, idx_MxK, w_MxK, *, interpret=False):
+def forward(table_NxV, idx_MxK, w_MxK, *, interpret=False) -> jax.Array:
     """y_MxV (table dtype); w float32."""
     return _token_blocked_call(_forward_kernel, table_NxV, idx_MxK, w_MxK, weights_grad=False, interpret=interpret)
 
 
-def weights_grad(table_NxV, idx_MxK, g_MxV, *, interpret=False):
+def weights_grad(table_NxV, idx_MxK, g_MxV, *, interpret=False) -> jax.Array:
     """dw_MxK float32 = <table[idx_mk], g_m>."""
     return _token_blocked_call(_weights_grad_kernel, table_NxV, idx_MxK, g_MxV, weights_grad=True,
                                interpret=interpret)
@@ -186,7 +186,7 @@ def _runs(rows_L):
     return chunks_Gx1x2, run_GxC.reshape(1, -1), run_rows_GxC.reshape(-1)
 
 
-def table_grad(n: int, rows_L, tok_L, w_L, g_MxV, *, interpret=False):
+def table_grad(n: int, rows_L, tok_L, w_L, g_MxV, *, interpret=False) -> jax.Array:
     """dV_NxV float32 from the slots sorted by row (rows_L, their tokens and float32 weights), L a
     multiple of SLOTS_PER_CHUNK."""
     chunks_Gx1x2, run_1xL, run_rows = _runs(rows_L)

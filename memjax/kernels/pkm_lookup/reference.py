@@ -26,7 +26,7 @@ CHUNK_BYTES = 4 << 20
 SORTED_SCATTER: bool | None = None
 
 
-def embedding_bag_dense(table_NxV, idx_MxK, w_MxK):
+def embedding_bag_dense(table_NxV, idx_MxK, w_MxK) -> jax.Array:
     """Dense definition: one-hot(idx) weighted by w, times the table. O(M K N): tests only."""
     onehot_MxKxN = jax.nn.one_hot(idx_MxK, table_NxV.shape[0], dtype=table_NxV.dtype)
     return jnp.einsum("mk,mkn,nv->mv", w_MxK.astype(table_NxV.dtype), onehot_MxKxN, table_NxV)
@@ -36,7 +36,7 @@ def _rows_per_chunk(row_bytes: int, total_rows: int) -> int:
     return max(1, min(total_rows, CHUNK_BYTES // max(row_bytes, 1)))
 
 
-def pad_rows(x, multiple: int, value=0):
+def pad_rows(x, multiple: int, value=0) -> jax.Array:
     """x padded along axis 0 to a multiple of `multiple` with `value`."""
     pad = -x.shape[0] % multiple
     return x if pad == 0 else jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=value)
@@ -60,19 +60,19 @@ def _chunked_over_tokens(fn, table_NxV, idx_MxK, other_MxX):
     return out.reshape(-1, *out.shape[2:])[:m]
 
 
-def forward(table_NxV, idx_MxK, w_MxK):
+def forward(table_NxV, idx_MxK, w_MxK) -> jax.Array:
     """y_MxV in the table's dtype."""
     w_MxK = w_MxK.astype(table_NxV.dtype)
     return _chunked_over_tokens(lambda rows, w: jnp.sum(rows * w[..., None], axis=1), table_NxV, idx_MxK, w_MxK)
 
 
-def weights_grad(table_NxV, idx_MxK, g_MxV):
+def weights_grad(table_NxV, idx_MxK, g_MxV) -> jax.Array:
     """dw_MxK = <V[idx_mk], g_m>: the forward's gather again, reduced against g instead of w."""
     g_MxV = g_MxV.astype(table_NxV.dtype)
     return _chunked_over_tokens(lambda rows, g: jnp.sum(rows * g[:, None, :], axis=-1), table_NxV, idx_MxK, g_MxV)
 
 
-def table_grad(n: int, idx_MxK, w_MxK, g_MxV):
+def table_grad(n: int, idx_MxK, w_MxK, g_MxV) -> jax.Array:
     """dV_NxV = index_add(idx, w (x) g) in chunks of bounded size, in slot order or in token order."""
     sort = SORTED_SCATTER if SORTED_SCATTER is not None else jax.default_backend() != "cpu"
     w_MxK = w_MxK.astype(g_MxV.dtype)
@@ -106,7 +106,7 @@ def table_grad(n: int, idx_MxK, w_MxK, g_MxV):
 
 
 @jax.custom_vjp
-def embedding_bag(table_NxV, idx_MxK, w_MxK):
+def embedding_bag(table_NxV, idx_MxK, w_MxK) -> jax.Array:
     """y[m] = sum_k w[m, k] * table[idx[m, k]], in the table's dtype; idx must lie in [0, N)."""
     return forward(table_NxV, idx_MxK, w_MxK)
 
