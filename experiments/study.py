@@ -77,8 +77,11 @@ class Study:
         path = os.path.join(self.workdir(run), "config.json")
         if not os.path.isfile(path):
             return f"{path} is missing"
+        from memjax.reliability import config_changes
+
         with open(path, encoding="utf-8") as f:
-            return first_difference(json.load(f), json.loads(cfg.to_json()))
+            changes = config_changes(json.load(f), cfg)
+        return "" if not changes else "{}: {!r} -> {!r}".format(*changes[0])
 
     def run_all(self, runs: list[tuple[str, object, Callable[[str], dict]]], only: str = "") -> list[dict]:
         """Results of the runs (name, config or None, function of the workdir): finished ones read back,
@@ -127,20 +130,6 @@ class Study:
         with open(self.path(filename), "w", encoding="utf-8") as f:
             f.write(f"# {title}\n\n" + "\n\n".join(p.strip() for p in paragraphs) + "\n")
         return self.path(filename)
-
-
-def first_difference(then: dict, now: dict, prefix: str = "") -> str:
-    """The first key (dotted, sorted order) whose value differs between two nested dicts, as
-    "key: then -> now"; "" if they are equal."""
-    for key in sorted(set(then) | set(now)):
-        a, b = then.get(key), now.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            found = first_difference(a, b, f"{prefix}{key}.")
-            if found:
-                return found
-        elif a != b:
-            return f"{prefix}{key}: {a!r} -> {b!r}"
-    return ""
 
 
 def write_csv(path: str, rows: list[dict]) -> str:

@@ -112,32 +112,29 @@ class Wrapper(nnx.Module):
         return {}
 
 
-def register(name: str) -> Callable[[type], type]:
+def _registrar(kind: str, base: type, table: dict, name: str) -> Callable[[type], type]:
+    """A class decorator that enters a `base` subclass into `table` under `name` (`kind` names it in errors)."""
+
     def decorate(cls):
-        if not issubclass(cls, Block):
-            raise TypeError(f"block {name!r}: {cls.__name__} does not subclass registry.Block")
-        if name in BLOCKS and BLOCKS[name] is not cls:
-            raise ValueError(f"block {name!r} is registered twice")
-        cls.block_name = name
-        BLOCKS[name] = cls
+        if not issubclass(cls, base):
+            raise TypeError(f"{kind} {name!r}: {cls.__name__} does not subclass registry.{base.__name__}")
+        if name in table and table[name] is not cls:
+            raise ValueError(f"{kind} {name!r} is registered twice")
+        if base is Wrapper and "enabled" not in cls.defaults:
+            raise ValueError(f"wrapper {name!r}: its defaults need an 'enabled' switch")
+        setattr(cls, f"{kind}_name", name)
+        table[name] = cls
         return cls
 
     return decorate
+
+
+def register(name: str) -> Callable[[type], type]:
+    return _registrar("block", Block, BLOCKS, name)
 
 
 def register_wrapper(name: str) -> Callable[[type], type]:
-    def decorate(cls):
-        if not issubclass(cls, Wrapper):
-            raise TypeError(f"wrapper {name!r}: {cls.__name__} does not subclass registry.Wrapper")
-        if name in WRAPPERS and WRAPPERS[name] is not cls:
-            raise ValueError(f"wrapper {name!r} is registered twice")
-        if "enabled" not in cls.defaults:
-            raise ValueError(f"wrapper {name!r}: its defaults need an 'enabled' switch")
-        cls.wrapper_name = name
-        WRAPPERS[name] = cls
-        return cls
-
-    return decorate
+    return _registrar("wrapper", Wrapper, WRAPPERS, name)
 
 
 def load() -> dict[str, type[Block]]:
