@@ -371,7 +371,7 @@ def length_study(name: str, doc: str, presets: dict, argv=None) -> None:
                f"{p['train_len']} were never seen in training."]
     for ax, task in zip(axes[0], tasks):
         mine = [row for row in rows if row["task"] == task]
-        averaged = _mean_over_seeds(mine, ("mixer", "length"))
+        averaged = mean_over_seeds(mine, ("mixer", "length"))
         plot_groups(ax, averaged, "length", "value", "mixer", logx=True)
         ax.axvline(p["train_len"], color="k", ls="--", lw=0.8)
         ax.set_ylim(-0.02, 1.02)
@@ -390,7 +390,7 @@ def length_study(name: str, doc: str, presets: dict, argv=None) -> None:
     print(f"wrote {s.dir}")
 
 
-def _mean_over_seeds(rows: list[dict], keys: tuple) -> list[dict]:
+def mean_over_seeds(rows: list[dict], keys: tuple) -> list[dict]:
     groups: dict = {}
     for row in rows:
         groups.setdefault(tuple(row[k] for k in keys), []).append(row["value"])

@@ -1,5 +1,5 @@
 """`python -m memjax.evaluate --workdir RUN --task niah_single --lengths 256,512,1024,2048
-    [--examples 64 --batch_size 8 --task_options key=value,... --depths 0,0.5,1 --out results.csv]`
+    [--examples 64 --batch_size 8 --task_options key=value,... --depths 0,0.5,1 --chunk 8 --out results.csv]`
 
 Scores a trained run (its config.json and latest checkpoint) on a generated task at each context
 length, lengths beyond training included, and writes one CSV row per (length, depth): task, length,
@@ -10,6 +10,13 @@ greedily decoded answer (one teacher-forced pass), bAbI accuracy of the best-sco
 Task options start from the run's own (`data.task_options`, when it trained on this task) and
 --task_options overrides them; evaluation examples come from the run's `data.task_eval_seed`.
 The metric is memjax.tasks.scoring's `TaskScorer`, as in the trainer's evaluations and the experiments.
+
+--chunk N serves the run at another chunk size: every block of the model with a `chunk` setting (the
+neural memories: Titans, ATLAS, Miras) runs with chunk N, the trained weights unchanged. A neural memory
+takes its inner gradients at the chunk-start state, so the chunk is part of the function it learned
+(TNT, arXiv 2511.07343, fine-tunes its memories at the smaller chunk it serves them at for this
+reason); experiments/serve_chunk.py measures the effect on held-out loss. The CSV's `chunk` column is the
+serving chunk (empty: the run's own).
 """
 
 from __future__ import annotations
@@ -19,17 +26,18 @@ import math
 import os
 import sys
 
+import ml_collections
 from tqdm import tqdm
 
 from memjax import checkpoint, config, parallel
 from memjax.data import get_tokenizer
 from memjax.data.task_batches import build_task, parse_task_options
-from memjax.models import factory
+from memjax.models import factory, registry
 from memjax.tasks import TASKS, make_task_iterator
 from memjax.tasks.scoring import EvaluationError, TaskScorer, metric_name
 
 DEFAULT_EVAL_SEED = 1_000_000  # base_config's data.task_eval_seed, for runs that did not train on a task
-CSV_FIELDS = ("task", "length", "depth", "metric", "value", "n", "step", "train_seq_len")
+CSV_FIELDS = ("task", "length", "depth", "metric", "value", "n", "step", "train_seq_len", "chunk")
 
 
 def _check_model_length(cfg, length: int) -> None:
@@ -43,10 +51,34 @@ def _check_model_length(cfg, length: int) -> None:
         raise EvaluationError(f"length {length}: the run's model does not run at this length ({err})") from None
 
 
+def chunked_blocks(model_cfg) -> list[str]:
+    """The model's block names that have a `chunk` setting (those whose function the chunk size defines)."""
+    return [name for name in dict.fromkeys(registry.block_names(model_cfg)) if "chunk" in model_cfg.get(name, {})]
+
+
+def serve_config(cfg, chunk: int) -> ml_collections.ConfigDict:
+    """A copy of the run's config whose chunked blocks run at `chunk` (parameters unchanged); validated."""
+    names = chunked_blocks(cfg.model)
+    if not names:
+        raise EvaluationError(f"--chunk: the run's blocks ({cfg.model.block_pattern}) have no chunk setting")
+    if chunk < 1:
+        raise EvaluationError(f"--chunk must be positive, got {chunk}")
+    served = cfg.copy_and_resolve_references()
+    for name in names:
+        served.model[name].chunk = chunk
+    try:
+        config.validate(served)
+    except config.ConfigError as err:
+        raise EvaluationError(f"--chunk {chunk}: the run's model does not run at this chunk ({err})") from None
+    return served
+
+
 def evaluate_run(workdir: str, task: str, lengths, *, examples: int = 64, batch_size: int = 8,
-                 task_options: str = "", depths=(), step: int | None = None, progress: bool = True) -> list[dict]:
+                 task_options: str = "", depths=(), step: int | None = None, chunk: int | None = None,
+                 progress: bool = True) -> list[dict]:
     """CSV rows (dicts with CSV_FIELDS) of `task` scored at every length (and NIAH depth) on the run's
-    checkpoint. Raises EvaluationError (or FileNotFoundError) before any scoring on a bad request."""
+    checkpoint, its chunked blocks at `chunk` if given. Raises EvaluationError (or FileNotFoundError)
+    before any scoring on a bad request."""
     metric = metric_name(task)
     if not lengths:
         raise EvaluationError("no lengths to evaluate")
@@ -57,6 +89,8 @@ def evaluate_run(workdir: str, task: str, lengths, *, examples: int = 64, batch_
     if depths and not task.startswith("niah"):
         raise EvaluationError(f"--depths applies to the niah_* tasks, not {task!r}")
     cfg = config.load_config(workdir)
+    if chunk is not None:
+        cfg = serve_config(cfg, chunk)
     tokenizer = get_tokenizer(cfg.data, workdir)
     try:
         run_options = cfg.data.task_options if cfg.data.get("task", "") == task else ""
@@ -95,7 +129,7 @@ def evaluate_run(workdir: str, task: str, lengths, *, examples: int = 64, batch_
                 bar.update(1)
             rows.append({"task": task, "length": length, "depth": "" if depth is None else depth, "metric": metric,
                          "value": correct / scored, "n": num_batches * batch_size, "step": step,
-                         "train_seq_len": cfg.train.seq_len})
+                         "train_seq_len": cfg.train.seq_len, "chunk": "" if chunk is None else chunk})
     return rows
 
 
@@ -129,6 +163,8 @@ def main(argv=None) -> None:
     parser.add_argument("--task_options", default="", help="key=value,... over the run's own task options")
     parser.add_argument("--depths", default="", help="NIAH only: comma-separated needle depths in [0, 1]")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument("--chunk", type=int, default=None,
+                        help="serve the run's chunked memory blocks at this chunk size (default: as trained)")
     parser.add_argument("--out", default="", help="CSV path (default: <workdir>/eval_<task>.csv)")
     args = parser.parse_args(argv)
     try:
@@ -137,7 +173,7 @@ def main(argv=None) -> None:
         parser.error(f"--lengths / --depths: {err}")
     try:
         rows = evaluate_run(args.workdir, args.task, lengths, examples=args.examples, batch_size=args.batch_size,
-                            task_options=args.task_options, depths=depths, step=args.step)
+                            task_options=args.task_options, depths=depths, step=args.step, chunk=args.chunk)
     except (EvaluationError, FileNotFoundError, config.ConfigError) as err:
         sys.exit(f"error: {err}")
     out = args.out or os.path.join(args.workdir, f"eval_{args.task}.csv")

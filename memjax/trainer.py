@@ -147,6 +147,12 @@ def loss_sums(graphdef, params, batch, token_bytes) -> tuple[jax.Array, jax.Arra
     return nats_BxT.sum(), nats_BxT.size, bytes_BxT.sum()
 
 
+def target_bytes(run: Run) -> jax.Array:
+    """Bytes of text per token id [vocab_size] (ids beyond the tokenizer's: 0), for bits per byte."""
+    token_bytes = jnp.asarray(run.tokenizer.token_bytes, jnp.float32)
+    return jnp.pad(token_bytes, (0, run.vocab_size - token_bytes.shape[0]))
+
+
 def make_train_step(run: Run) -> Callable:
     t = run.cfg.train
     accum = t.grad_accum_steps
@@ -248,7 +254,8 @@ def make_iterator(run: Run, split: str, shard_index: int, shard_count: int, *, s
     return make_lm_iterator(run.cfg.data, run.tokenizer, split, **common)
 
 
-def _eval_batches(run: Run, shard_index: int, shard_count: int) -> list[dict]:
+def validation_batches(run: Run, shard_index: int = 0, shard_count: int = 1) -> list[dict]:
+    """The run's evaluation batches (train.eval_batches of the validation split, in order), as numpy."""
     t = run.cfg.train
     iterator = make_iterator(run, "validation", shard_index, shard_count, shuffle=False, repeat=False)
     batches = []
@@ -277,7 +284,7 @@ def train(cfg, workdir: str) -> dict[str, float]:
         shard_index, shard_count = jax.process_index(), jax.process_count()
         # Data problems surface here, before the workdir is touched.
         train_iter = make_iterator(run, "train", shard_index, shard_count)
-        eval_batches = _eval_batches(run, shard_index, shard_count)
+        eval_batches = validation_batches(run, shard_index, shard_count)
         if primary and lock is None:
             lock = reliability.WorkdirLock(workdir)
         os.makedirs(workdir, exist_ok=True)
@@ -324,8 +331,7 @@ def _train_locked(run: Run, workdir: str, train_iter, eval_batches) -> dict[str,
              peak_source)
 
     train_step = make_train_step(run)
-    token_bytes = jnp.asarray(run.tokenizer.token_bytes, jnp.float32)
-    token_bytes = jnp.pad(token_bytes, (0, run.vocab_size - token_bytes.shape[0]))
+    token_bytes = target_bytes(run)
     host_eval_batches = eval_batches  # this process's rows, as numpy: what the task metric takes
     eval_batches = [parallel.global_batch(b, run.mesh) for b in eval_batches]
     scorer = (TaskScorer(run.graphdef, cfg.data.task, run.mesh, run.tokenizer.eos_id)

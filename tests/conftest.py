@@ -24,7 +24,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 # Modules whose tests compile many programs or train end to end: most of the suite's time (its
 # --durations list). `pytest -m "not slow"` leaves them out for a quick inner loop; CI runs them all.
 SLOW_MODULES = frozenset({"test_conformance", "test_sharding", "test_segments", "test_multihost", "test_reliability",
-                          "test_miras_configs", "test_titans_configs", "test_train"})
+                          "test_miras_configs", "test_titans_configs", "test_train",
+                          "test_serve_chunk"})
 
 
 def pytest_collection_modifyitems(config, items):
