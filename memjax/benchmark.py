@@ -21,11 +21,6 @@ from memjax import config, flops, parallel, trainer
 from memjax.data import ByteTokenizer
 from memjax.models import factory
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (median is reported).")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation included).")
-flags.mark_flags_as_required(["config"])
-
 
 def benchmark(cfg, steps: int = 20, warmup: int = 3) -> dict[str, float]:
     run = trainer.setup(cfg, None, tokenizer=ByteTokenizer())
@@ -75,18 +70,29 @@ def _benchmark(run, steps: int, warmup: int) -> dict[str, float]:
     return result
 
 
-def main(argv) -> None:
+def _flags() -> tuple:
+    """Defined when the CLI runs, not at import (see memjax.train._flags)."""
+    config_file = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+    steps = flags.DEFINE_integer("steps", 20, "Timed steps (median is reported).")
+    warmup = flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation included).")
+    flags.mark_flags_as_required(["config"])
+    return config_file, steps, warmup
+
+
+def main(argv, flag_values) -> None:
     del argv
-    cfg = _CONFIG.value
+    config_file, steps, warmup = flag_values
+    cfg = config_file.value
     m, t = cfg.model, cfg.train
     print(f"benchmark: d_model={m.d_model} layers={m.num_layers} heads={m.num_heads} blocks={m.block_pattern} "
           f"T={t.seq_len} batch={t.batch_size} dtype={m.dtype} "
           f"on {jax.device_count()} x {jax.devices()[0].device_kind}")
-    result = benchmark(cfg, _STEPS.value, _WARMUP.value)
+    result = benchmark(cfg, steps.value, warmup.value)
     width = max(map(len, result))
     for name, value in result.items():
         print(f"  {name:<{width}}  {value:.4g}")
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config.parse_command_line)
+    _FLAG_VALUES = _flags()
+    app.run(lambda argv: main(argv, _FLAG_VALUES), flags_parser=config.parse_command_line)
