@@ -75,6 +75,13 @@ def test_serve_chunk_study_scores_each_serving_chunk(titans_run):
     assert set(losses) == {1, 4, 32}
     assert all(np.isfinite(v) and v > 0 for v in losses.values())
     assert len(set(losses.values())) == 3
-    logged = [r for r in read_jsonl(os.path.join(titans_run, "metrics.jsonl")) if "eval/bits_per_byte" in r]
+    logged = [r for r in read_jsonl(os.path.join(titans_run, "metrics.jsonl")) if "eval/loss" in r]
     # Served at its own chunk, the run's validation loss is the trainer's own evaluation at the last step.
-    assert losses[4] == pytest.approx(logged[-1]["eval/bits_per_byte"], rel=1e-5)
+    assert losses[4] == pytest.approx(logged[-1]["eval/loss"], rel=1e-5)
+
+
+def test_serve_chunk_runs_scale_the_inner_step_to_their_chunk():
+    p = serve_chunk.PRESETS["quick"]
+    steps = {chunk: serve_chunk.run_config(p, chunk, 0).model[serve_chunk.MIXER].theta_max for chunk in (2, 4, 16)}
+    assert steps == {2: 0.5, 4: 0.5, 16: 0.125}
+    config.validate(serve_chunk.run_config(p, 16, 0))
