@@ -218,6 +218,102 @@ def newton_schulz(x_IxO, steps: int, eps: float = 1e-7) -> jax.Array:
     return x.T if tall else x
 
 
+def newton_schulz_gram(gram_xMxM, steps: int, eps: float = 1e-7) -> tuple[jax.Array, jax.Array]:
+    """`newton_schulz` from the Gram matrix alone: for x of shape [m, n] (m <= n) and G = x x^T [m, m]
+    (batched over leading axes), (nu, Q) such that NS_k(x) = nu Q x.
+
+    Each step maps x to P(G) x, P = a + bG + cG^2 (a polynomial in G), so every iterate is Q x0 and its
+    Gram is P G P^T: the k steps run on [m, m] matrices (4 matmuls of 2 m^3 FLOPs each) instead of on x
+    (2 m^2 n each for the Gram and for P x), and x itself is never formed when its Gram has a cheaper
+    factored form (`chunk_step_muon`)."""
+    a, b, c = NS_COEFFICIENTS
+    nu = jax.lax.rsqrt(jnp.trace(gram_xMxM, axis1=-2, axis2=-1) + eps)
+    g = gram_xMxM * (nu * nu)[..., None, None]
+    eye = jnp.eye(g.shape[-1], dtype=g.dtype)
+    q = jnp.broadcast_to(eye, g.shape)
+    for step in range(steps):
+        p = a * eye + b * g + c * (g @ g)
+        q = p @ q
+        if step < steps - 1:
+            g = p @ g @ jnp.swapaxes(p, -1, -2)
+    return nu, q
+
+
+def muon_decay(keep_C, lr_C) -> tuple[jax.Array, jax.Array]:
+    """Muon's A_t = a_t A_0 + sum_s w_ts NS(S_s) within a chunk: a [C] and w [C, C] (w_ts = theta_s
+    prod_{s < j <= t} keep_j for s <= t, else 0)."""
+    c = keep_C.shape[0]
+    # The products as masked sums of logs: no cancellation, and keep = 0 (padding, or forgetting
+    # everything) stays finite in the backward.
+    log_keep_C = jnp.log(jnp.maximum(keep_C, jnp.finfo(keep_C.dtype).tiny))
+    t, s, j = jnp.arange(c)[:, None, None], jnp.arange(-1, c)[None, :, None], jnp.arange(c)[None, None, :]
+    log_decay = jnp.sum(jnp.where((s < j) & (j <= t), log_keep_C, 0.0), axis=-1)  # [C, 1 + C]; s = -1: A_0
+    decay = jnp.where(s[..., 0] <= t[..., 0], jnp.exp(log_decay), 0.0)
+    return decay[:, 0], decay[:, 1:] * lr_C[None, :]
+
+
+def chunk_step_muon(spec: Spec, state, momentum, inputs, deltas, coef, chunk) -> tuple[jax.Array, Any, Any]:
+    """The materialised path for the "muon" optimizer (ATLAS) without materialising: outputs [C, D] and
+    the chunk-end (state, momentum), equal to forming every token's momentum S_t, orthogonalising it and
+    reading with A_t = decay A_0 + sum_s decay_ts theta_s NS(S_s) (the paper's per-token form).
+
+    Per map, in the orientation where S is tall (X [n, m], m = min(in, out), X = S or S^T):
+    X_t = s_t X_0 + F^T R_t E, with F [K, n], E [K, m] the gradient factors and R_t = diag(row t of the
+    write coefficients). Its Gram X_t^T X_t [m, m] is formed from the chunk's small products (X_0^T X_0,
+    F X_0, F F^T) in O(K m^2) per token, Newton-Schulz runs on the Gram (`newton_schulz_gram`, NS(X_t) =
+    nu_t X_t Q_t^T), and reads and the chunk-end state contract the factors of X_t with the read input
+    instead of forming X_t: no [C, in, out] tensor, and O(K (in + out) + m^3) work per token, not
+    O(K in out) for forming and O(m^2 max(in, out)) per Newton-Schulz step.
+    """
+    rows_CxK2 = coef[1:, 0]  # S_t on (S_0, A_0, g): the A_0 column is exactly zero (S never reads A)
+    s_C, r_CxK = rows_CxK2[:, 0], rows_CxK2[:, 2:]
+    a0_C, written_CxC = muon_decay(chunk["keep"], chunk["lr"])
+    if spec.read == "before":  # token t reads A_{t-1}: the rows shifted down, A_0 for the first
+        read_a0 = jnp.concatenate([jnp.ones_like(a0_C[:1]), a0_C[:-1]])
+        read_written = jnp.concatenate([jnp.zeros_like(written_CxC[:1]), written_CxC[:-1]])
+    else:
+        read_a0, read_written = a0_C, written_CxC
+
+    # qnorm divides every token's weights by the chunk-start state's scale (`effective_weights`).
+    scales = [qnorm_scale(spec, a) for a in state] if spec.retention == "qnorm" else [1.0] * len(state)
+    maps = []
+    for a, s0, h, d in zip(state, momentum, inputs, deltas):
+        tall = a.shape[0] > a.shape[1]  # newton_schulz's orientation: its Gram is over the smaller side
+        x0, f, e = (s0, h, d) if tall else (s0.T, d, h)
+        fx0_KxM = f @ x0
+        cross_CxKxM = s_C[:, None, None] * fx0_KxM[None] + jnp.einsum("kj,tj,jm->tkm", f @ f.T, r_CxK, e)
+        gram_CxMxM = (
+            (s_C * s_C)[:, None, None] * (x0.T @ x0)[None]
+            + jnp.einsum("t,km,tk,kp->tmp", s_C, fx0_KxM, r_CxK, e)
+            + jnp.einsum("km,tk,tkp->tmp", e, r_CxK, cross_CxKxM)
+        )
+        nu_C, q_CxMxM = newton_schulz_gram(gram_CxMxM, spec.ns_steps)
+        maps.append((tall, x0, f, e, nu_C, q_CxMxM))
+
+    def linear(layer, h_CxI):
+        tall, x0, f, e, nu_C, q_CxMxM = maps[layer]
+        mix_CxC = read_written * nu_C[None, :]
+        if tall:  # h meets X's long side: (h X_s) Q_s^T with h X_s = s_s (h X_0) + sum_k r_sk (h . F_k) E_k
+            hx_CxCxM = (s_C[None, :, None] * (h_CxI @ x0)[:, None, :]
+                        + jnp.einsum("tk,sk,km->tsm", h_CxI @ f.T, r_CxK, e))
+            read = jnp.einsum("ts,tsm,spm->tp", mix_CxC, hx_CxCxM, q_CxMxM)
+        else:  # h meets the short side: (h Q_s) X_s^T = s_s (h Q_s) X_0^T + sum_k r_sk ((h Q_s) . E_k) F_k
+            hq_CxCxM = jnp.einsum("ti,sim->tsm", h_CxI, q_CxMxM)
+            read = (jnp.einsum("ts,tsm->tm", mix_CxC * s_C[None, :], hq_CxCxM) @ x0.T
+                    + jnp.einsum("ts,sk,tsm,km->tk", mix_CxC, r_CxK, hq_CxCxM, e) @ f)
+        return (read_a0[:, None] * (h_CxI @ state[layer]) + read) / scales[layer]
+
+    y_CxD = memory_apply(spec, linear, chunk["q"])
+    new_state = []
+    for a, (tall, x0, f, e, nu_C, q_CxMxM) in zip(state, maps):
+        end_C = written_CxC[-1] * nu_C
+        end = (x0 @ jnp.einsum("s,spm->mp", end_C * s_C, q_CxMxM)
+               + f.T @ jnp.einsum("s,sk,km,spm->kp", end_C, r_CxK, e, q_CxMxM))
+        new_state.append(a0_C[-1] * a + (end if tall else end.T))
+    end_rows = {"s0": coef[-1:, 0, 0:1], "a0": coef[-1:, 0, 1:2], "g": coef[-1:, 0, 2:]}
+    return y_CxD, new_state, _combine(end_rows, state, momentum, inputs, deltas)
+
+
 def effective_weights(spec: Spec, state, scale_from=None) -> list[jax.Array]:
     """The memory's weights from its state A (per map). qnorm divides by the scale of `scale_from`
     (default: the state itself); inside a chunk that is the chunk-start state."""
@@ -354,18 +450,13 @@ def _per_token(rows_CxK2, start, momentum, inputs, deltas):
 
 def chunk_step_materialised(spec: Spec, state, weights, momentum, inputs, deltas, coef,
                             chunk) -> tuple[jax.Array, Any, Any]:
-    if spec.optimizer == "muon":
+    if spec.optimizer == "muon" and spec.retention != "softmax":
+        return chunk_step_muon(spec, state, momentum, inputs, deltas, coef, chunk)
+    if spec.optimizer == "muon":  # softmax(A_t) is not linear in the orthogonalised updates: form them
         s_t = _per_token(coef[1:, 0], state, momentum, inputs, deltas)
         orthogonal = [jax.vmap(partial(newton_schulz, steps=spec.ns_steps))(s) for s in s_t]
-        # decay[t, s] = prod_{s < j <= t} keep_j as a masked sum of logs: no cancellation, and keep = 0
-        # (padding, or forgetting everything) stays finite in the backward.
-        c = chunk["keep"].shape[0]
-        log_keep_C = jnp.log(jnp.maximum(chunk["keep"], jnp.finfo(chunk["keep"].dtype).tiny))
-        t, s, j = jnp.arange(c)[:, None, None], jnp.arange(-1, c)[None, :, None], jnp.arange(c)[None, None, :]
-        log_decay = jnp.sum(jnp.where((s < j) & (j <= t), log_keep_C, 0.0), axis=-1)  # [C, 1 + C]; s = -1: A_0
-        decay = jnp.where(s[..., 0] <= t[..., 0], jnp.exp(log_decay), 0.0)
-        written_CxC = decay[:, 1:] * chunk["lr"][None, :]
-        a_t = [decay[:, 0, None, None] * a + jnp.einsum("ts,sio->tio", written_CxC, n)
+        a0_C, written_CxC = muon_decay(chunk["keep"], chunk["lr"])
+        a_t = [a0_C[:, None, None] * a + jnp.einsum("ts,sio->tio", written_CxC, n)
                for a, n in zip(state, orthogonal)]
         new_momentum = [x[-1] for x in s_t]
     else:
