@@ -223,9 +223,9 @@ def newton_schulz_gram(gram_xMxM, steps: int, eps: float = 1e-7) -> tuple[jax.Ar
     (batched over leading axes), (nu, Q) such that NS_k(x) = nu Q x.
 
     Each step maps x to P(G) x, P = a + bG + cG^2 (a polynomial in G), so every iterate is Q x0 and its
-    Gram is P G P^T: the k steps run on [m, m] matrices (4 matmuls of 2 m^3 FLOPs each) instead of on x
-    (2 m^2 n each for the Gram and for P x), and x itself is never formed when its Gram has a cheaper
-    factored form (`chunk_step_muon`)."""
+    Gram is P G P^T: the k steps run on [m, m] matrices (4k - 3 matmuls of 2 m^3 FLOPs in all) instead
+    of on x (2 m^2 n each for the Gram and for P x), and x itself is never formed when its Gram has a
+    cheaper factored form (`chunk_step_muon`)."""
     a, b, c = NS_COEFFICIENTS
     nu = jax.lax.rsqrt(jnp.trace(gram_xMxM, axis1=-2, axis2=-1) + eps)
     g = gram_xMxM * (nu * nu)[..., None, None]
@@ -233,7 +233,7 @@ def newton_schulz_gram(gram_xMxM, steps: int, eps: float = 1e-7) -> tuple[jax.Ar
     q = jnp.broadcast_to(eye, g.shape)
     for step in range(steps):
         p = a * eye + b * g + c * (g @ g)
-        q = p @ q
+        q = p if step == 0 else p @ q
         if step < steps - 1:
             g = p @ g @ jnp.swapaxes(p, -1, -2)
     return nu, q
@@ -448,6 +448,25 @@ def _per_token(rows_CxK2, start, momentum, inputs, deltas):
     ]
 
 
+def _recurrent_states(spec: Spec, state, momentum, inputs, deltas, chunk) -> tuple[list, list]:
+    """Every token's A_t [C, in, out] per map, and the chunk-end momentum, by the recurrence itself
+    (S_t = eta_t S_{t-1} + the token's window of rank-1 writes, A_t = keep_t A_{t-1} + S_t): O(c in out)
+    per token, where the closed form (`_per_token`) contracts all K gradients for every token."""
+    write_CxK = write_matrix(spec, chunk["lr"], chunk["gamma"])
+    mom_C = jnp.zeros_like(chunk["mom"]) if spec.optimizer == "gd" else chunk["mom"]
+    a_t, new_momentum = [], []
+    for a, s, h, d in zip(state, momentum, inputs, deltas):
+        states = []
+        for t in range(write_CxK.shape[0]):
+            band = slice(t, t + spec.window)
+            s = mom_C[t] * s + (h[band].T * write_CxK[t, band]) @ d[band]
+            a = chunk["keep"][t] * a + s
+            states.append(a)
+        a_t.append(jnp.stack(states))
+        new_momentum.append(s)
+    return a_t, new_momentum
+
+
 def chunk_step_materialised(spec: Spec, state, weights, momentum, inputs, deltas, coef,
                             chunk) -> tuple[jax.Array, Any, Any]:
     if spec.optimizer == "muon" and spec.retention != "softmax":
@@ -460,8 +479,7 @@ def chunk_step_materialised(spec: Spec, state, weights, momentum, inputs, deltas
                for a, n in zip(state, orthogonal)]
         new_momentum = [x[-1] for x in s_t]
     else:
-        a_t = _per_token(coef[1:, 1], state, momentum, inputs, deltas)
-        new_momentum = _combine(linear_coefficients(spec, coef)["momentum"], state, momentum, inputs, deltas)
+        a_t, new_momentum = _recurrent_states(spec, state, momentum, inputs, deltas, chunk)
     new_state = [x[-1] for x in a_t]
     w_t = [jax.vmap(lambda a, a0=a0: effective_weights(spec, [a], [a0])[0])(x) for x, a0 in zip(a_t, state)]
     if spec.read == "before":
@@ -530,20 +548,46 @@ def num_chunks(length: int, chunk: int) -> int:
     return max(1, math.ceil(length / chunk))
 
 
-def forward_flops_per_token(spec: Spec, in_dim: int, out_dim: int) -> float:
-    """Forward FLOPs per token and head of the chunked algorithm (for analytic MFU)."""
+def engine_flops(spec: Spec, in_dim: int, out_dim: int) -> dict[str, float]:
+    """Forward FLOPs per token and head of the chunked algorithm as implemented, by part (multiply-adds
+    count 2; elementwise work on per-token weights 1 per entry and op; the [C, C] gate algebra is left out
+    where it is O(C) per token):
+
+    gradient: the inner gradient's factors (the memory on the window's K = C + c - 1 keys at the
+    chunk-start weights, and the backward to each map's output); gates: the coefficient scan; read: the
+    outputs; write: what turns gradients into state (the linear path's chunk-end state and momentum; the
+    materialised path's per-token weights, or Muon's per-token Grams and chunk-end state);
+    newton_schulz: Muon's orthogonalisation; retention: softmax over per-token weights (Memora).
+    The outer backward (the training step's gradient) is not included: about 2x the forward."""
     c, k = spec.chunk, spec.chunk + spec.window - 1
-    total = 0.0
-    for fan_in, fan_out in layer_shapes(spec, in_dim, out_dim):
+    parts = dict.fromkeys(("gradient", "gates", "read", "write", "newton_schulz", "retention"), 0.0)
+    parts["gates"] = 8.0 * (k + 2) * math.log2(max(c, 2))
+    for index, (fan_in, fan_out) in enumerate(layer_shapes(spec, in_dim, out_dim)):
         mat = 2.0 * fan_in * fan_out
-        total += 2 * mat * k / c  # the window's keys: forward, and backward to the map's input
-        if spec.materialised:
-            total += mat * (k + 2)  # forming each token's weights
-            total += mat  # reading with them
-            if spec.optimizer == "muon":  # Newton-Schulz on [min, max]: 3 matmuls of min^2 max per step
-                small, large = min(fan_in, fan_out), max(fan_in, fan_out)
-                total += spec.ns_steps * 2.0 * (2 * small * small * large + small**3) + mat * c
-        else:
-            total += 2 * mat + 2.0 * k * (fan_in + fan_out)  # the read
-            total += 2 * mat * k / c  # chunk-end state and momentum, amortised over the chunk
-    return total + 8.0 * (k + 2) * math.log2(max(c, 2))
+        # Every map's forward on the window's keys; the backward reaches every map's output but the last's
+        # input-side matmul is needed only for maps after the first.
+        parts["gradient"] += mat * k / c * (2 if index > 0 or spec.memory == "gated" else 1)
+        parts["write"] += mat * k / c  # the chunk-end momentum (S_C), on every path
+        n, m = max(fan_in, fan_out), min(fan_in, fan_out)
+        if spec.optimizer == "muon" and spec.retention != "softmax":  # chunk_step_muon
+            parts["write"] += 2.0 * k * k * m + 4.0 * k * m * m + 2.0 * (k * n * m + k * k * n + n * m * m) / c
+            parts["write"] += 2.0 * k * m * m + 2.0 * (n * m * m + k * n * m) / c  # the chunk-end state
+            parts["newton_schulz"] += max(4 * spec.ns_steps - 3, 0) * 2.0 * m**3
+            parts["read"] += mat + 2.0 * n * m + 2.0 * k * n + 2.0 * c * k * m + 2.0 * c * m * m
+        elif spec.materialised:  # per-token weights [C, in, out], formed and read
+            parts["read"] += mat
+            parts["retention"] += 5.0 * fan_in * fan_out  # softmax: max, subtract, exp, sum, divide
+            if spec.optimizer == "muon":  # each token's S_t formed, orthogonalised, then the decayed mix
+                parts["write"] += 2.0 * k * fan_in * fan_out + 2 * mat + c * mat
+                parts["newton_schulz"] += spec.ns_steps * (4.0 * m * m * n + 2.0 * m**3)
+            else:  # _recurrent_states: the window's rank-1 writes, then the momentum and decay updates
+                parts["write"] += (2.0 * spec.window + 4.0) * fan_in * fan_out
+        else:  # chunk_step_linear
+            parts["read"] += 2 * mat + 2.0 * k * (fan_in + fan_out)
+            parts["write"] += mat * k / c  # the chunk-end state
+    return parts
+
+
+def forward_flops_per_token(spec: Spec, in_dim: int, out_dim: int) -> float:
+    """Forward FLOPs per token and head of the chunked algorithm (for analytic MFU): `engine_flops`'s sum."""
+    return sum(engine_flops(spec, in_dim, out_dim).values())
