@@ -91,7 +91,7 @@ def test_newton_schulz_on_the_gram_equals_the_iteration_on_the_matrix(shape):
 
 
 @pytest.mark.parametrize("name, spec, in_dim, out_dim", [
-    ("atlas", engine.Spec(depth=2, expansion=2, residual="add", window=4, optimizer="muon"), 273, 16),
+    ("atlas", engine.Spec(depth=2, expansion=2, residual="add", window=4, optimizer="muon", ns_form="gram"), 273, 16),
     ("titans", engine.Spec(depth=2, expansion=4), 64, 64),
 ])
 def test_engine_flops_match_the_compiled_chunk_step(name, spec, in_dim, out_dim):

@@ -68,6 +68,7 @@ OBJECTIVES = ("l2", "lp", "huber", "dot")
 READS = ("after", "before")
 OPTIMIZERS = ("gd", "momentum", "muon")
 RETENTIONS = ("decay", "qnorm", "softmax")
+NS_FORMS = ("matrix", "gram")
 MEMORIES = ("mlp", "gated")
 RESIDUALS = ("none", "add", "norm")
 # Muon's quintic Newton-Schulz coefficients (Jordan et al. 2024): fast to singular values in about [0.7, 1.2].
@@ -88,6 +89,11 @@ class Spec:
     window: int = 1  # Omega window c
     optimizer: str = "momentum"
     ns_steps: int = 5
+    # Muon's Newton-Schulz on each token's formed update ("matrix") or on its Gram from the chunk's factors
+    # ("gram", `chunk_step_muon`: about 4x fewer FLOPs at ATLAS's widths, but float32 rounding in a
+    # singular direction grows as eps / sigma^2 instead of eps / sigma, so ill-conditioned updates lose
+    # digits; the sharded-vs-one-device conformance check at 1e-5 fails with it in float32).
+    ns_form: str = "matrix"
     retention: str = "decay"
     q: float = 4.0  # exponent of "qnorm" retention
     read: str = "after"
@@ -478,9 +484,9 @@ def _recurrent_states(spec: Spec, state, momentum, inputs, deltas, chunk) -> tup
 
 def chunk_step_materialised(spec: Spec, state, weights, momentum, inputs, deltas, coef,
                             chunk) -> tuple[jax.Array, Any, Any]:
-    if spec.optimizer == "muon" and spec.retention != "softmax":
+    if spec.optimizer == "muon" and spec.retention != "softmax" and spec.ns_form == "gram":
         return chunk_step_muon(spec, state, momentum, inputs, deltas, coef, chunk)
-    if spec.optimizer == "muon":  # softmax(A_t) is not linear in the orthogonalised updates: form them
+    if spec.optimizer == "muon":  # each token's update formed and orthogonalised ("matrix", or softmax)
         s_t = _per_token(coef[1:, 0], state, momentum, inputs, deltas)
         orthogonal = [jax.vmap(partial(newton_schulz, steps=spec.ns_steps))(s) for s in s_t]
         a0_C, written_CxC = muon_decay(chunk["keep"], chunk["lr"])
@@ -578,7 +584,7 @@ def engine_flops(spec: Spec, in_dim: int, out_dim: int) -> dict[str, float]:
         parts["gradient"] += mat * k / c * (2 if index > 0 or spec.memory == "gated" else 1)
         parts["write"] += mat * k / c  # the chunk-end momentum (S_C), on every path
         n, m = max(fan_in, fan_out), min(fan_in, fan_out)
-        if spec.optimizer == "muon" and spec.retention != "softmax":  # chunk_step_muon
+        if spec.optimizer == "muon" and spec.retention != "softmax" and spec.ns_form == "gram":  # chunk_step_muon
             parts["write"] += 2.0 * k * k * m + 4.0 * k * m * m + 2.0 * (k * n * m + k * k * n + n * m * m) / c
             parts["write"] += 2.0 * k * m * m + 2.0 * (n * m * m + k * n * m) / c  # the chunk-end state
             parts["newton_schulz"] += max(4 * spec.ns_steps - 3, 0) * 2.0 * m**3
