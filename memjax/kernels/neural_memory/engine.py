@@ -30,17 +30,20 @@ taken at the chunk-start state (C = 1 is the exact recurrence). Then:
   h W_t = a_t (h A_0) + b_t (h S_0) + sum_i G_ti (h . h_i) d_i: matmuls against the chunk's factors
   (`chunk_step_linear`, also the body of the fused kernels of memjax.kernels.neural_memory). The
   chunk-end state is formed once per chunk.
-- Muon (ATLAS, decay or qnorm retention; `chunk_step_muon`): W_t = a_t A_0 + sum_s w_ts NS(S_s) is
+- Muon with ns_form="gram" (ATLAS, decay or qnorm retention; `chunk_step_muon`): W_t = a_t A_0 + sum_s w_ts NS(S_s) is
   non-linear in the gradients only through NS, and NS(S) = S P(S^T S) for a matrix polynomial P, so
   per token only the Gram of S_t over the smaller side ([m, m], m = min(in, out)) is formed, from the
   chunk's gradient factors, and Newton-Schulz runs on the Gram (`newton_schulz_gram`): the reads and
   the chunk-end state contract the factors, never forming a per-token [in, out] matrix. This is the
   paper's per-token form (NS of every token's momentum; ATLAS's parallel training computes exactly
   these), with O(K (in + out) m + m^3) work per token instead of O(K in out + m^2 max(in, out)).
+  The Gram squares the update's condition number: float32 rounding in a direction of singular value
+  sigma grows as eps / sigma^2, not eps / sigma, which is why "matrix" (below) is the default.
 - Materialised path (softmax retention, Memora): softmax(A_t) is non-linear in every entry, so the C
   per-token states of the chunk are formed ([C, in, out] per map, by the recurrence itself:
   `_recurrent_states`, O(c in out) per token), their softmax taken and read token by token
-  (`chunk_step_materialised`); with muon too, each token's S_t is formed and orthogonalised.
+  (`chunk_step_materialised`). Muon with ns_form="matrix" (the default) or with softmax retention forms
+  each token's S_t and orthogonalises it (Newton-Schulz on all C in parallel).
 
 jax.lax.scan carries the state over chunks, in remat groups of `remat_chunks` chunks, so the backward
 stores one state per group. All functions work on one sequence and one head; callers vmap.
