@@ -18,6 +18,13 @@ block whose cost is linear in T takes 4x the time at 4096 as at 1024; full atten
 16x. Printed per block: step time and tokens/s at every T, the ratio of step time at 4096 vs 1024, and
 whether each target below is met.
 
+FLOPs: the analytic count of each step (memjax.models.factory.flops_per_token: 6 x the parameter matmuls,
+plus each memory block's engine, forward and outer backward, 3x the forward) gives the achieved FLOP/s and
+its share of a float32 matmul peak measured in the same run (memjax.flops.measure_matmul_peak, before and
+after the timings; the larger is the peak). Per memory block, the engine's forward FLOPs per token (all
+layers and heads) are printed by part (memjax.kernels.neural_memory.engine.engine_flops: inner gradient,
+gates, read, write, Newton-Schulz, softmax retention), with the outer backward as 2x their sum.
+
 Adding a block: any registered name works in --blocks; its targets go in TARGETS (below).
 """
 
@@ -97,6 +104,23 @@ def model_config(args, block: str, seq_len: int):
     return cfg
 
 
+def engine_breakdown(cfg, block: str) -> dict[str, float] | None:
+    """The neural-memory engine's forward FLOPs per token by part, over all layers and heads, and the outer
+    backward's (2x the forward); None for a block without the engine."""
+    from memjax.kernels.neural_memory import engine
+    from memjax.memory import neural
+
+    p = cfg.model.get(block)
+    if p is None or "optimizer" not in p:
+        return None
+    head_dim = cfg.model.d_model // p.heads
+    in_dim = neural.feature_dim(head_dim, p.feature_degree)
+    parts = engine.engine_flops(neural.engine_spec(p, cfg.model.norm_eps), in_dim, head_dim)
+    parts = {name: value * p.heads * cfg.model.num_layers for name, value in parts.items()}
+    parts["outer_backward"] = 2.0 * sum(parts.values())
+    return parts
+
+
 def time_train_step(cfg, runs: int, warmup: int) -> tuple[float, bool]:
     """Median seconds of one jitted forward+backward step, and whether its loss was finite."""
     import jax
@@ -130,6 +154,7 @@ def main(argv=None):
     args = parse_args(argv)
     import jax
 
+    from memjax import flops
     from memjax.models import factory
 
     seq_lens = [int(t) for t in args.seq_lens.split(",")]
@@ -143,25 +168,47 @@ def main(argv=None):
           f"median of {args.runs} runs after {args.warmup} warm-up")
     if args.set:
         print("overrides: " + ", ".join(args.set))
+    peaks = [flops.measure_matmul_peak()]
+    print(f"measured float32 matmul peak (2048^3, before the timings): {peaks[0] / 1e9:.1f} GFLOP/s")
     print()
 
     rows, seconds = [], {}
-    header = f"{'block':<14}{'T':>6}{'params':>12}{'step ms':>11}{'tokens/s':>11}{'vs ' + BASELINE:>14}"
+    header = (f"{'block':<14}{'T':>6}{'params':>12}{'step ms':>11}{'tokens/s':>11}{'vs ' + BASELINE:>14}"
+              f"{'GFLOP/token':>13}{'GFLOP/s':>9}{'% peak':>8}")
     print(header)
     for block in blocks:
         for t in seq_lens:
             cfg = model_config(args, block, t)
             params = factory.count_params(factory.abstract(cfg.model, VOCAB)[1])
+            flops_per_token = factory.flops_per_token(cfg.model, VOCAB, t)
             step_s, finite = time_train_step(cfg, args.runs, args.warmup)
             seconds[block, t] = step_s
             tokens_per_s = args.batch * t / step_s
+            achieved = tokens_per_s * flops_per_token
             versus = seconds.get((BASELINE, t))
             rows.append({"block": block, "seq_len": t, "batch": args.batch, "params": params,
                          "step_ms": step_s * 1e3, "tokens_per_s": tokens_per_s,
-                         f"time_vs_{BASELINE}": step_s / versus if versus else "", "finite_loss": finite})
+                         f"time_vs_{BASELINE}": step_s / versus if versus else "", "finite_loss": finite,
+                         "flops_per_token": flops_per_token, "achieved_flops_per_s": achieved})
             note = "" if finite else "  (non-finite loss)"
             print(f"{block:<14}{t:>6}{params:>12,}{step_s * 1e3:>11.1f}{tokens_per_s:>11,.0f}"
-                  f"{(f'{step_s / versus:.2f}x' if versus else '-'):>14}{note}", flush=True)
+                  f"{(f'{step_s / versus:.2f}x' if versus else '-'):>14}{flops_per_token / 1e9:>13.4f}"
+                  f"{achieved / 1e9:>9.1f}{100 * achieved / peaks[0]:>7.1f}%{note}", flush=True)
+
+    peaks.append(flops.measure_matmul_peak())
+    peak = max(peaks)
+    print(f"\nmeasured float32 matmul peak after the timings: {peaks[1] / 1e9:.1f} GFLOP/s; achieved share of the "
+          f"larger ({peak / 1e9:.1f}) at the longest T:")
+    for block in blocks:
+        row = next(r for r in rows if r["block"] == block and r["seq_len"] == seq_lens[-1])
+        print(f"  {block:<14}{100 * row['achieved_flops_per_s'] / peak:>6.1f}%")
+        row["measured_matmul_peak"] = peak
+    print("\nengine forward MFLOPs per token (all layers and heads) by part; outer backward = 2x their sum:")
+    for block in blocks:
+        parts = engine_breakdown(model_config(args, block, seq_lens[-1]), block)
+        if parts:
+            print(f"  {block:<14}" + "  ".join(f"{name} {value / 1e6:,.2f}" for name, value in parts.items()
+                                               if value))
 
     if len(seq_lens) >= 2:
         long, short = seq_lens[-1], seq_lens[-2]

@@ -72,6 +72,43 @@ def test_newton_schulz_is_odd_and_pushes_singular_values_to_one(shape):
     np.testing.assert_allclose(np.sort(np.diag(rotated)), np.sort(singular), atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(8, 8), (6, 16), (16, 6)])
+def test_newton_schulz_on_the_gram_equals_the_iteration_on_the_matrix(shape):
+    """nu Q x from newton_schulz_gram(x x^T) (x the wide orientation) is newton_schulz(x) in float64, and
+    at x = 0 both the value and the gradient are finite."""
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(2), shape, jnp.float64)
+
+        def from_gram(x):
+            wide = x if x.shape[0] <= x.shape[1] else x.T
+            nu, q = engine.newton_schulz_gram(wide @ wide.T, steps=5)
+            out = nu * q @ wide
+            return out if wide is x else out.T
+
+        np.testing.assert_allclose(from_gram(x), engine.newton_schulz(x, steps=5), atol=1e-12)
+        grad = jax.grad(lambda x: jnp.sum(jnp.sin(from_gram(x))))(jnp.zeros(shape))
+        assert np.all(np.isfinite(np.asarray(grad)))
+
+
+@pytest.mark.parametrize("name, spec, in_dim, out_dim", [
+    ("atlas", engine.Spec(depth=2, expansion=2, residual="add", window=4, optimizer="muon", ns_form="gram"), 273, 16),
+    ("titans", engine.Spec(depth=2, expansion=4), 64, 64),
+])
+def test_engine_flops_match_the_compiled_chunk_step(name, spec, in_dim, out_dim):
+    """The analytic count of the matmul-dominated paths (Muon's Gram path, the linear path) is within 15%
+    of XLA's count for the compiled chunk step (which also counts the elementwise work)."""
+    c, k = spec.chunk, spec.chunk + spec.window - 1
+    state = [jnp.zeros(shape) for shape in engine.layer_shapes(spec, in_dim, out_dim)]
+    chunk = {"q": jnp.zeros((c, in_dim)), "k": jnp.zeros((k, in_dim)), "v": jnp.zeros((k, out_dim)),
+             "lr": jnp.zeros(c), "mom": jnp.zeros(c), "keep": jnp.zeros(c), "gamma": jnp.zeros(k)}
+    step = jax.jit(lambda state, momentum, chunk: engine.chunk_step(spec, state, momentum, chunk))
+    compiled = step.lower(state, state, chunk).compile().cost_analysis()
+    compiled = compiled[0] if isinstance(compiled, list) else compiled
+    analytic = engine.forward_flops_per_token(spec, in_dim, out_dim)
+    assert analytic == pytest.approx(compiled["flops"] / c, rel=0.15), name
+    assert analytic == sum(engine.engine_flops(spec, in_dim, out_dim).values())
+
+
 def test_moneta_with_p_and_q_two_is_l2_gradient_descent_with_decay():
     moneta = engine.Spec(depth=2, expansion=2, residual="norm", objective="lp", p=2.0, retention="qnorm", q=2.0,
                          optimizer="gd", chunk=4)

@@ -36,7 +36,7 @@ def engine_spec(p, eps: float) -> engine.Spec:
     return engine.Spec(
         memory=p.memory, depth=p.memory_depth, expansion=p.memory_expansion, activation=p.activation,
         residual=p.memory_residual, objective=p.objective, p=p.p_norm, window=p.omega_window,
-        optimizer=p.optimizer, ns_steps=p.ns_steps, retention=p.retention, q=p.q_norm, read=p.read,
+        optimizer=p.optimizer, ns_steps=p.ns_steps, ns_form=p.ns_form, retention=p.retention, q=p.q_norm, read=p.read,
         chunk=p.chunk, remat_chunks=p.remat_chunks, eps=eps,
     )
 

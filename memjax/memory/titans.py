@@ -73,6 +73,9 @@ class NeuralMemoryBlock(Block):
         # ... inner optimizer, retention and feature map.
         "optimizer": "momentum",  # "gd", "momentum" (Titans) or "muon" (momentum, then Newton-Schulz: ATLAS)
         "ns_steps": 5,  # Newton-Schulz iterations of "muon"
+        # "matrix": each token's update formed and orthogonalised; "gram": on its Gram matrix from the chunk's
+        # gradient factors (4x fewer FLOPs at ATLAS's widths; float32 rounding grows as eps / sigma_min^2)
+        "ns_form": "matrix",
         "retention": "decay",  # "decay" (1 - alpha), "qnorm" (Moneta), "softmax" (Memora's KL retention)
         "q_norm": 4.0,  # exponent of "qnorm"
         "feature_degree": 0,  # polynomial feature map on q, k of this degree (0 = identity)
@@ -284,6 +287,8 @@ class NeuralMemoryBlock(Block):
         require(p.objective in engine.OBJECTIVES, f"{field}.objective",
                 f"{p.objective!r} is not one of {list(engine.OBJECTIVES)}")
         require(p.read in engine.READS, f"{field}.read", f"{p.read!r} is not one of {list(engine.READS)}")
+        require(p.ns_form in engine.NS_FORMS, f"{field}.ns_form",
+                f"{p.ns_form!r} is not one of {list(engine.NS_FORMS)}")
         require(p.kernel in dispatch.KERNEL_CHOICES, f"{field}.kernel",
                 f"{p.kernel!r} is not one of {list(dispatch.KERNEL_CHOICES)}")
         if p.kernel == "pallas":

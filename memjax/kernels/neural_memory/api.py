@@ -13,11 +13,14 @@ shard_map, batch over the mesh's batch axes and heads over `tensor` where those 
 Which configurations run the kernels (`supported`): the engine's linear path, i.e. "mlp" memories of
 any depth, residual and activation, with "decay" or "qnorm" retention and the "gd" or "momentum"
 optimizer, for every objective (l2, lp, huber, dot), Omega window and read order; bfloat16 inputs are
-computed in float32. The reference runs instead: the materialised path (optimizer "muon", retention
-"softmax": per-token weights within a chunk) and gated memories; and whatever `kernel` says, the
-after-update inner loss of evaluation diagnostics (`with_after_loss`). The GPU (Triton) kernel also
-needs power-of-two chunk and widths of at least 16 and an Omega window of 1 (Triton blocks), and SiLU
-for a deep memory (Triton lowers no erf, so no exact GELU).
+computed in float32. The reference runs instead: optimizer "muon" (per-token updates [C, in, out]; with
+ns_form="gram", engine.chunk_step_muon, Newton-Schulz on a [C, m, m] stack of per-token Grams: batched
+3-D contractions that the kernels' 2-D block bodies do not express, and that XLA runs as a few large
+batched matmuls), retention "softmax" (per-token [C, in, out] weights within a chunk: 1 MiB per map and
+head at Memora's widths 64 x 256 and chunk 16, more than a kernel block holds on chip) and gated
+memories; and whatever `kernel` says, the after-update inner loss of evaluation diagnostics
+(`with_after_loss`). The GPU (Triton) kernel also needs power-of-two chunk and widths of at least 16
+and an Omega window of 1 (Triton blocks), and SiLU for a deep memory (Triton lowers no erf, so no exact GELU).
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ def spec_supported(spec: engine.Spec) -> tuple[bool, str]:
         return False, f"memory={spec.memory!r} (the kernels fuse 'mlp' memories)"
     if spec.materialised:
         why = "optimizer='muon'" if spec.optimizer == "muon" else f"retention={spec.retention!r}"
-        return False, f"{why} runs the materialised path (per-token weights), not the fused linear path"
+        what = "per-token Newton-Schulz on Grams" if spec.optimizer == "muon" else "per-token weights"
+        return False, f"{why} runs the materialised path ({what}), not the fused linear path"
     return True, ""
 
 

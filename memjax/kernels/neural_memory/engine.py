@@ -30,9 +30,20 @@ taken at the chunk-start state (C = 1 is the exact recurrence). Then:
   h W_t = a_t (h A_0) + b_t (h S_0) + sum_i G_ti (h . h_i) d_i: matmuls against the chunk's factors
   (`chunk_step_linear`, also the body of the fused kernels of memjax.kernels.neural_memory). The
   chunk-end state is formed once per chunk.
-- Materialised path (softmax retention, muon): W_t is non-linear in the chunk's gradients, so the C
-  per-token weights of the chunk are formed ([C, in, out] per map; Newton-Schulz runs on all C in
-  parallel), then read token by token (`chunk_step_materialised`).
+- Muon with ns_form="gram" (ATLAS, decay or qnorm retention; `chunk_step_muon`): W_t = a_t A_0 + sum_s w_ts NS(S_s) is
+  non-linear in the gradients only through NS, and NS(S) = S P(S^T S) for a matrix polynomial P, so
+  per token only the Gram of S_t over the smaller side ([m, m], m = min(in, out)) is formed, from the
+  chunk's gradient factors, and Newton-Schulz runs on the Gram (`newton_schulz_gram`): the reads and
+  the chunk-end state contract the factors, never forming a per-token [in, out] matrix. This is the
+  paper's per-token form (NS of every token's momentum; ATLAS's parallel training computes exactly
+  these), with O(K (in + out) m + m^3) work per token instead of O(K in out + m^2 max(in, out)).
+  The Gram squares the update's condition number: float32 rounding in a direction of singular value
+  sigma grows as eps / sigma^2, not eps / sigma, which is why "matrix" (below) is the default.
+- Materialised path (softmax retention, Memora): softmax(A_t) is non-linear in every entry, so the C
+  per-token states of the chunk are formed ([C, in, out] per map, by the recurrence itself:
+  `_recurrent_states`, O(c in out) per token), their softmax taken and read token by token
+  (`chunk_step_materialised`). Muon with ns_form="matrix" (the default) or with softmax retention forms
+  each token's S_t and orthogonalises it (Newton-Schulz on all C in parallel).
 
 jax.lax.scan carries the state over chunks, in remat groups of `remat_chunks` chunks, so the backward
 stores one state per group. All functions work on one sequence and one head; callers vmap.
@@ -60,6 +71,7 @@ OBJECTIVES = ("l2", "lp", "huber", "dot")
 READS = ("after", "before")
 OPTIMIZERS = ("gd", "momentum", "muon")
 RETENTIONS = ("decay", "qnorm", "softmax")
+NS_FORMS = ("matrix", "gram")
 MEMORIES = ("mlp", "gated")
 RESIDUALS = ("none", "add", "norm")
 # Muon's quintic Newton-Schulz coefficients (Jordan et al. 2024): fast to singular values in about [0.7, 1.2].
@@ -80,6 +92,11 @@ class Spec:
     window: int = 1  # Omega window c
     optimizer: str = "momentum"
     ns_steps: int = 5
+    # Muon's Newton-Schulz on each token's formed update ("matrix") or on its Gram from the chunk's factors
+    # ("gram", `chunk_step_muon`: about 4x fewer FLOPs at ATLAS's widths, but float32 rounding in a
+    # singular direction grows as eps / sigma^2 instead of eps / sigma, so ill-conditioned updates lose
+    # digits; the sharded-vs-one-device conformance check at 1e-5 fails with it in float32).
+    ns_form: str = "matrix"
     retention: str = "decay"
     q: float = 4.0  # exponent of "qnorm" retention
     read: str = "after"
@@ -89,6 +106,7 @@ class Spec:
 
     @property
     def materialised(self) -> bool:
+        """Not the linear path: per-token weights (softmax retention) or per-token Grams (muon)."""
         return self.optimizer == "muon" or self.retention == "softmax"
 
     @property
@@ -216,6 +234,102 @@ def newton_schulz(x_IxO, steps: int, eps: float = 1e-7) -> jax.Array:
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.T if tall else x
+
+
+def newton_schulz_gram(gram_xMxM, steps: int, eps: float = 1e-7) -> tuple[jax.Array, jax.Array]:
+    """`newton_schulz` from the Gram matrix alone: for x of shape [m, n] (m <= n) and G = x x^T [m, m]
+    (batched over leading axes), (nu, Q) such that NS_k(x) = nu Q x.
+
+    Each step maps x to P(G) x, P = a + bG + cG^2 (a polynomial in G), so every iterate is Q x0 and its
+    Gram is P G P^T: the k steps run on [m, m] matrices (4k - 3 matmuls of 2 m^3 FLOPs in all) instead
+    of on x (2 m^2 n each for the Gram and for P x), and x itself is never formed when its Gram has a
+    cheaper factored form (`chunk_step_muon`)."""
+    a, b, c = NS_COEFFICIENTS
+    nu = jax.lax.rsqrt(jnp.trace(gram_xMxM, axis1=-2, axis2=-1) + eps)
+    g = gram_xMxM * (nu * nu)[..., None, None]
+    eye = jnp.eye(g.shape[-1], dtype=g.dtype)
+    q = jnp.broadcast_to(eye, g.shape)
+    for step in range(steps):
+        p = a * eye + b * g + c * (g @ g)
+        q = p if step == 0 else p @ q
+        if step < steps - 1:
+            g = p @ g @ jnp.swapaxes(p, -1, -2)
+    return nu, q
+
+
+def muon_decay(keep_C, lr_C) -> tuple[jax.Array, jax.Array]:
+    """Muon's A_t = a_t A_0 + sum_s w_ts NS(S_s) within a chunk: a [C] and w [C, C] (w_ts = theta_s
+    prod_{s < j <= t} keep_j for s <= t, else 0)."""
+    c = keep_C.shape[0]
+    # The products as masked sums of logs: no cancellation, and keep = 0 (padding, or forgetting
+    # everything) stays finite in the backward.
+    log_keep_C = jnp.log(jnp.maximum(keep_C, jnp.finfo(keep_C.dtype).tiny))
+    t, s, j = jnp.arange(c)[:, None, None], jnp.arange(-1, c)[None, :, None], jnp.arange(c)[None, None, :]
+    log_decay = jnp.sum(jnp.where((s < j) & (j <= t), log_keep_C, 0.0), axis=-1)  # [C, 1 + C]; s = -1: A_0
+    decay = jnp.where(s[..., 0] <= t[..., 0], jnp.exp(log_decay), 0.0)
+    return decay[:, 0], decay[:, 1:] * lr_C[None, :]
+
+
+def chunk_step_muon(spec: Spec, state, momentum, inputs, deltas, coef, chunk) -> tuple[jax.Array, Any, Any]:
+    """The materialised path for the "muon" optimizer (ATLAS) without materialising: outputs [C, D] and
+    the chunk-end (state, momentum), equal to forming every token's momentum S_t, orthogonalising it and
+    reading with A_t = decay A_0 + sum_s decay_ts theta_s NS(S_s) (the paper's per-token form).
+
+    Per map, in the orientation where S is tall (X [n, m], m = min(in, out), X = S or S^T):
+    X_t = s_t X_0 + F^T R_t E, with F [K, n], E [K, m] the gradient factors and R_t = diag(row t of the
+    write coefficients). Its Gram X_t^T X_t [m, m] is formed from the chunk's small products (X_0^T X_0,
+    F X_0, F F^T) in O(K m^2) per token, Newton-Schulz runs on the Gram (`newton_schulz_gram`, NS(X_t) =
+    nu_t X_t Q_t^T), and reads and the chunk-end state contract the factors of X_t with the read input
+    instead of forming X_t: no [C, in, out] tensor, and O(K (in + out) + m^3) work per token, not
+    O(K in out) for forming and O(m^2 max(in, out)) per Newton-Schulz step.
+    """
+    rows_CxK2 = coef[1:, 0]  # S_t on (S_0, A_0, g): the A_0 column is exactly zero (S never reads A)
+    s_C, r_CxK = rows_CxK2[:, 0], rows_CxK2[:, 2:]
+    a0_C, written_CxC = muon_decay(chunk["keep"], chunk["lr"])
+    if spec.read == "before":  # token t reads A_{t-1}: the rows shifted down, A_0 for the first
+        read_a0 = jnp.concatenate([jnp.ones_like(a0_C[:1]), a0_C[:-1]])
+        read_written = jnp.concatenate([jnp.zeros_like(written_CxC[:1]), written_CxC[:-1]])
+    else:
+        read_a0, read_written = a0_C, written_CxC
+
+    # qnorm divides every token's weights by the chunk-start state's scale (`effective_weights`).
+    scales = [qnorm_scale(spec, a) for a in state] if spec.retention == "qnorm" else [1.0] * len(state)
+    maps = []
+    for a, s0, h, d in zip(state, momentum, inputs, deltas):
+        tall = a.shape[0] > a.shape[1]  # newton_schulz's orientation: its Gram is over the smaller side
+        x0, f, e = (s0, h, d) if tall else (s0.T, d, h)
+        fx0_KxM = f @ x0
+        cross_CxKxM = s_C[:, None, None] * fx0_KxM[None] + jnp.einsum("kj,tj,jm->tkm", f @ f.T, r_CxK, e)
+        gram_CxMxM = (
+            (s_C * s_C)[:, None, None] * (x0.T @ x0)[None]
+            + jnp.einsum("t,km,tk,kp->tmp", s_C, fx0_KxM, r_CxK, e)
+            + jnp.einsum("km,tk,tkp->tmp", e, r_CxK, cross_CxKxM)
+        )
+        nu_C, q_CxMxM = newton_schulz_gram(gram_CxMxM, spec.ns_steps)
+        maps.append((tall, x0, f, e, nu_C, q_CxMxM))
+
+    def linear(layer, h_CxI):
+        tall, x0, f, e, nu_C, q_CxMxM = maps[layer]
+        mix_CxC = read_written * nu_C[None, :]
+        if tall:  # h meets X's long side: (h X_s) Q_s^T with h X_s = s_s (h X_0) + sum_k r_sk (h . F_k) E_k
+            hx_CxCxM = (s_C[None, :, None] * (h_CxI @ x0)[:, None, :]
+                        + jnp.einsum("tk,sk,km->tsm", h_CxI @ f.T, r_CxK, e))
+            read = jnp.einsum("ts,tsm,spm->tp", mix_CxC, hx_CxCxM, q_CxMxM)
+        else:  # h meets the short side: (h Q_s) X_s^T = s_s (h Q_s) X_0^T + sum_k r_sk ((h Q_s) . E_k) F_k
+            hq_CxCxM = jnp.einsum("ti,sim->tsm", h_CxI, q_CxMxM)
+            read = (jnp.einsum("ts,tsm->tm", mix_CxC * s_C[None, :], hq_CxCxM) @ x0.T
+                    + jnp.einsum("ts,sk,tsm,km->tk", mix_CxC, r_CxK, hq_CxCxM, e) @ f)
+        return (read_a0[:, None] * (h_CxI @ state[layer]) + read) / scales[layer]
+
+    y_CxD = memory_apply(spec, linear, chunk["q"])
+    new_state = []
+    for a, (tall, x0, f, e, nu_C, q_CxMxM) in zip(state, maps):
+        end_C = written_CxC[-1] * nu_C
+        end = (x0 @ jnp.einsum("s,spm->mp", end_C * s_C, q_CxMxM)
+               + f.T @ jnp.einsum("s,sk,km,spm->kp", end_C, r_CxK, e, q_CxMxM))
+        new_state.append(a0_C[-1] * a + (end if tall else end.T))
+    end_rows = {"s0": coef[-1:, 0, 0:1], "a0": coef[-1:, 0, 1:2], "g": coef[-1:, 0, 2:]}
+    return y_CxD, new_state, _combine(end_rows, state, momentum, inputs, deltas)
 
 
 def effective_weights(spec: Spec, state, scale_from=None) -> list[jax.Array]:
@@ -352,25 +466,38 @@ def _per_token(rows_CxK2, start, momentum, inputs, deltas):
     ]
 
 
+def _recurrent_states(spec: Spec, state, momentum, inputs, deltas, chunk) -> tuple[list, list]:
+    """Every token's A_t [C, in, out] per map, and the chunk-end momentum, by the recurrence itself
+    (S_t = eta_t S_{t-1} + the token's window of rank-1 writes, A_t = keep_t A_{t-1} + S_t): O(c in out)
+    per token, where the closed form (`_per_token`) contracts all K gradients for every token."""
+    write_CxK = write_matrix(spec, chunk["lr"], chunk["gamma"])
+    mom_C = jnp.zeros_like(chunk["mom"]) if spec.optimizer == "gd" else chunk["mom"]
+    a_t, new_momentum = [], []
+    for a, s, h, d in zip(state, momentum, inputs, deltas):
+        states = []
+        for t in range(write_CxK.shape[0]):
+            band = slice(t, t + spec.window)
+            s = mom_C[t] * s + (h[band].T * write_CxK[t, band]) @ d[band]
+            a = chunk["keep"][t] * a + s
+            states.append(a)
+        a_t.append(jnp.stack(states))
+        new_momentum.append(s)
+    return a_t, new_momentum
+
+
 def chunk_step_materialised(spec: Spec, state, weights, momentum, inputs, deltas, coef,
                             chunk) -> tuple[jax.Array, Any, Any]:
-    if spec.optimizer == "muon":
+    if spec.optimizer == "muon" and spec.retention != "softmax" and spec.ns_form == "gram":
+        return chunk_step_muon(spec, state, momentum, inputs, deltas, coef, chunk)
+    if spec.optimizer == "muon":  # each token's update formed and orthogonalised ("matrix", or softmax)
         s_t = _per_token(coef[1:, 0], state, momentum, inputs, deltas)
         orthogonal = [jax.vmap(partial(newton_schulz, steps=spec.ns_steps))(s) for s in s_t]
-        # decay[t, s] = prod_{s < j <= t} keep_j as a masked sum of logs: no cancellation, and keep = 0
-        # (padding, or forgetting everything) stays finite in the backward.
-        c = chunk["keep"].shape[0]
-        log_keep_C = jnp.log(jnp.maximum(chunk["keep"], jnp.finfo(chunk["keep"].dtype).tiny))
-        t, s, j = jnp.arange(c)[:, None, None], jnp.arange(-1, c)[None, :, None], jnp.arange(c)[None, None, :]
-        log_decay = jnp.sum(jnp.where((s < j) & (j <= t), log_keep_C, 0.0), axis=-1)  # [C, 1 + C]; s = -1: A_0
-        decay = jnp.where(s[..., 0] <= t[..., 0], jnp.exp(log_decay), 0.0)
-        written_CxC = decay[:, 1:] * chunk["lr"][None, :]
-        a_t = [decay[:, 0, None, None] * a + jnp.einsum("ts,sio->tio", written_CxC, n)
+        a0_C, written_CxC = muon_decay(chunk["keep"], chunk["lr"])
+        a_t = [a0_C[:, None, None] * a + jnp.einsum("ts,sio->tio", written_CxC, n)
                for a, n in zip(state, orthogonal)]
         new_momentum = [x[-1] for x in s_t]
     else:
-        a_t = _per_token(coef[1:, 1], state, momentum, inputs, deltas)
-        new_momentum = _combine(linear_coefficients(spec, coef)["momentum"], state, momentum, inputs, deltas)
+        a_t, new_momentum = _recurrent_states(spec, state, momentum, inputs, deltas, chunk)
     new_state = [x[-1] for x in a_t]
     w_t = [jax.vmap(lambda a, a0=a0: effective_weights(spec, [a], [a0])[0])(x) for x, a0 in zip(a_t, state)]
     if spec.read == "before":
@@ -439,20 +566,46 @@ def num_chunks(length: int, chunk: int) -> int:
     return max(1, math.ceil(length / chunk))
 
 
-def forward_flops_per_token(spec: Spec, in_dim: int, out_dim: int) -> float:
-    """Forward FLOPs per token and head of the chunked algorithm (for analytic MFU)."""
+def engine_flops(spec: Spec, in_dim: int, out_dim: int) -> dict[str, float]:
+    """Forward FLOPs per token and head of the chunked algorithm as implemented, by part (multiply-adds
+    count 2; elementwise work on per-token weights 1 per entry and op; the [C, C] gate algebra is left out
+    where it is O(C) per token):
+
+    gradient: the inner gradient's factors (the memory on the window's K = C + c - 1 keys at the
+    chunk-start weights, and the backward to each map's output); gates: the coefficient scan; read: the
+    outputs; write: what turns gradients into state (the linear path's chunk-end state and momentum; the
+    materialised path's per-token weights, or Muon's per-token Grams and chunk-end state);
+    newton_schulz: Muon's orthogonalisation; retention: softmax over per-token weights (Memora).
+    The outer backward (the training step's gradient) is not included: about 2x the forward."""
     c, k = spec.chunk, spec.chunk + spec.window - 1
-    total = 0.0
-    for fan_in, fan_out in layer_shapes(spec, in_dim, out_dim):
+    parts = dict.fromkeys(("gradient", "gates", "read", "write", "newton_schulz", "retention"), 0.0)
+    parts["gates"] = 8.0 * (k + 2) * math.log2(max(c, 2))
+    for index, (fan_in, fan_out) in enumerate(layer_shapes(spec, in_dim, out_dim)):
         mat = 2.0 * fan_in * fan_out
-        total += 2 * mat * k / c  # the window's keys: forward, and backward to the map's input
-        if spec.materialised:
-            total += mat * (k + 2)  # forming each token's weights
-            total += mat  # reading with them
-            if spec.optimizer == "muon":  # Newton-Schulz on [min, max]: 3 matmuls of min^2 max per step
-                small, large = min(fan_in, fan_out), max(fan_in, fan_out)
-                total += spec.ns_steps * 2.0 * (2 * small * small * large + small**3) + mat * c
-        else:
-            total += 2 * mat + 2.0 * k * (fan_in + fan_out)  # the read
-            total += 2 * mat * k / c  # chunk-end state and momentum, amortised over the chunk
-    return total + 8.0 * (k + 2) * math.log2(max(c, 2))
+        # Every map's forward on the window's keys; the backward reaches every map's output but the last's
+        # input-side matmul is needed only for maps after the first.
+        parts["gradient"] += mat * k / c * (2 if index > 0 or spec.memory == "gated" else 1)
+        parts["write"] += mat * k / c  # the chunk-end momentum (S_C), on every path
+        n, m = max(fan_in, fan_out), min(fan_in, fan_out)
+        if spec.optimizer == "muon" and spec.retention != "softmax" and spec.ns_form == "gram":  # chunk_step_muon
+            parts["write"] += 2.0 * k * k * m + 4.0 * k * m * m + 2.0 * (k * n * m + k * k * n + n * m * m) / c
+            parts["write"] += 2.0 * k * m * m + 2.0 * (n * m * m + k * n * m) / c  # the chunk-end state
+            parts["newton_schulz"] += max(4 * spec.ns_steps - 3, 0) * 2.0 * m**3
+            parts["read"] += mat + 2.0 * n * m + 2.0 * k * n + 2.0 * c * k * m + 2.0 * c * m * m
+        elif spec.materialised:  # per-token weights [C, in, out], formed and read
+            parts["read"] += mat
+            parts["retention"] += 5.0 * fan_in * fan_out  # softmax: max, subtract, exp, sum, divide
+            if spec.optimizer == "muon":  # each token's S_t formed, orthogonalised, then the decayed mix
+                parts["write"] += 2.0 * k * fan_in * fan_out + 2 * mat + c * mat
+                parts["newton_schulz"] += spec.ns_steps * (4.0 * m * m * n + 2.0 * m**3)
+            else:  # _recurrent_states: the window's rank-1 writes, then the momentum and decay updates
+                parts["write"] += (2.0 * spec.window + 4.0) * fan_in * fan_out
+        else:  # chunk_step_linear
+            parts["read"] += 2 * mat + 2.0 * k * (fan_in + fan_out)
+            parts["write"] += mat * k / c  # the chunk-end state
+    return parts
+
+
+def forward_flops_per_token(spec: Spec, in_dim: int, out_dim: int) -> float:
+    """Forward FLOPs per token and head of the chunked algorithm (for analytic MFU): `engine_flops`'s sum."""
+    return sum(engine_flops(spec, in_dim, out_dim).values())
