@@ -246,7 +246,10 @@ def check_resume_config(workdir: str, cfg) -> None:
             f"config.data.tokenizer: the checkpoints in {workdir} were trained with {saved['tokenizer_kind']!r}, "
             f"this config has {cfg.data.tokenizer!r}; use a new --workdir"
         )
-    changed = _differences(_flat(saved["model"], "model."), _flat(cfg.model.to_dict(), "model."))
+    saved_model = _flat(saved["model"], "model.")
+    # A setting the saved run lacks was added by a later memjax (a new block's section, a new option whose
+    # default is the old behaviour): not a change, or upgrading memjax would strand every run.
+    changed = [c for c in _differences(saved_model, _flat(cfg.model.to_dict(), "model.")) if c[0] in saved_model]
     if changed:
         raise ConfigError(resume_refusal(workdir, changed, init_from=False))
 

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from memjax import checkpoint, trainer
+from memjax import checkpoint, reliability, trainer
 from memjax.checkpoint import CheckpointError, verify_integrity
 from memjax.config import ConfigError
 from memjax.metrics import read_jsonl
@@ -216,6 +216,23 @@ def test_resume_with_a_changed_optimizer_structure_is_refused_and_the_original_c
     # ... and the original config, with other cadences, resumes into the uninterrupted run's parameters.
     trainer.train(tiny_config(**BASE, **{"train.checkpoint_every": 5, "train.keep_checkpoints": 0}), str(tmp_path))
     assert_same_params(params_of(tmp_path, tiny_config(**BASE))[0], straight)
+
+
+def test_a_run_saved_by_an_older_memjax_resumes_after_settings_were_added(straight, tmp_path):
+    """A later memjax adds blocks (new config sections) and options whose defaults keep the old behaviour;
+    the run's saved settings lack them, which is no change: it resumes. A saved setting that differs
+    still refuses."""
+    trainer.train(tiny_config(**BASE, **{"train.checkpoint_every": 8, "train.stop_at_step": 8}), str(tmp_path))
+    for name in ("run.json", "config.json"):
+        path = tmp_path / name
+        saved = json.loads(path.read_text())
+        model = saved["model"]
+        del model["titans_mag"], model["titans_lmm"]["chunk"]  # as if written before they existed
+        path.write_text(json.dumps(saved))
+    trainer.train(tiny_config(**BASE, **{"train.checkpoint_every": 8}), str(tmp_path))
+    assert_same_params(params_of(tmp_path, tiny_config(**BASE))[0], straight)
+    with pytest.raises(ConfigError, match=r"config\.model\.swa\.window: the checkpoints in"):
+        reliability.check_resume_config(str(tmp_path), tiny_config(**BASE, **{"model.swa.window": 5}))
 
 
 def test_a_workdir_whose_checkpoints_are_all_corrupt_starts_over_only_when_told(straight, tmp_path):
