@@ -29,8 +29,10 @@ Choices where the paper leaves them open (or where a language model needs one):
   self-generated value formed, at the chunk-start state (reading M_[],t-1 would need the chunk's own
   writes before its projections exist: a sequential dependence); the main memory is the engine's chunk
   (gradients at the chunk start, in-chunk decay exact). At chunk 1 this is the per-token recurrence above.
-- The projection memories are `projection_depth`-map MLPs (1: linear, the map DGD is derived for), the
-  main memory the engine's MLP (`memory_depth`, `memory_expansion`).
+- Every memory has the paper's form x + W1 s(W2 x) by default (`*_residual` "add", GELU; hidden width:
+  the head width for the projection memories, `memory_expansion` x it for the main memory);
+  `projection_depth` = 1 makes the projections linear maps (what DGD is derived for).
+- The self-generated values are not stopped in the outer gradient: the outer loop trains through them.
 
 Continuum memory system (`cms_chunks`, e.g. "16,0"): a chain of SwiGLU MLPs, each of width
 swiglu_width(d_model, d_ff) / levels (the chain has the FFN's parameters). A level with chunk 0 is static
@@ -84,12 +86,13 @@ def cms_width(model_cfg, levels: int) -> int:
 
 def memory_spec(p, eps: float) -> engine.Spec:
     return engine.Spec(memory="mlp", depth=p.memory_depth, expansion=p.memory_expansion, activation="gelu",
-                       objective="l2", optimizer="gd", retention="decay", read=p.read, chunk=p.chunk,
-                       remat_chunks=p.remat_chunks, eps=eps)
+                       residual=p.memory_residual, objective="l2", optimizer="gd", retention="decay", read=p.read,
+                       chunk=p.chunk, remat_chunks=p.remat_chunks, eps=eps)
 
 
 def projection_spec(p, eps: float) -> engine.Spec:
-    return engine.Spec(memory="mlp", depth=p.projection_depth, expansion=1, activation="gelu", objective="l2",
+    return engine.Spec(memory="mlp", depth=p.projection_depth, expansion=1, activation="gelu",
+                       residual=p.projection_residual, objective="l2",
                        optimizer="gd", retention="decay", read="before", chunk=p.chunk, eps=eps)
 
 
@@ -294,8 +297,9 @@ def cms_scan(c: int, state, streams) -> tuple[jax.Array, dict]:
 
 def titans_settings(p) -> ml_collections.ConfigDict:
     """titans_lmm's settings with this block's shared ones: the mixer without self-modification."""
-    shared = {key: p[key] for key in ("heads", "chunk", "remat_chunks", "memory_depth", "memory_expansion", "read",
-                                      "theta_max", "theta_init", "alpha_init")}
+    keys = ("heads", "chunk", "remat_chunks", "memory_depth", "memory_expansion", "memory_residual", "read",
+            "theta_max", "theta_init", "alpha_init")
+    shared = {key: p[key] for key in keys}
     return ml_collections.ConfigDict({**TitansLMM.defaults, **shared})
 
 
@@ -312,8 +316,10 @@ class HopeBlock(Block):
         "self_target": True,  # the main memory's value is M_memory(v_t) (else v_t)
         "heads": 4,
         "memory_depth": 2,  # the main memory's linear maps (engine MLP)
-        "memory_expansion": 4,
-        "projection_depth": 1,  # the projection memories' maps (1: linear)
+        "memory_expansion": 4,  # its hidden width / head width
+        "memory_residual": "add",  # x + W1 s(W2 x), the paper's memory form ("none", "norm": engine.RESIDUALS)
+        "projection_depth": 2,  # the projection memories' maps (1: linear), hidden width = head width
+        "projection_residual": "add",
         "read": "before",  # y_t = M_t-1(q_t) (the paper's) or M_t(q_t) ("after")
         "chunk": 16,  # tokens per chunk of the self-modifying Titans (chunk-start reads and gradients)
         "remat_chunks": 4,
@@ -364,6 +370,8 @@ class HopeBlock(Block):
         require(not unknown, f"{field}.adaptive", f"{sorted(unknown)} are not among {list(PROJECTIONS)}")
         for key in ("memory_depth", "memory_expansion", "projection_depth", "chunk", "remat_chunks"):
             require(p[key] >= 1, f"{field}.{key}", f"must be >= 1, got {p[key]}")
+        for key in ("memory_residual", "projection_residual"):
+            require(p[key] in engine.RESIDUALS, f"{field}.{key}", f"{p[key]!r} is not one of {list(engine.RESIDUALS)}")
         require(p.read in engine.READS, f"{field}.read", f"{p.read!r} is not one of {list(engine.READS)}")
         for key in ("theta", "cms_theta"):
             require(p[f"{key}_max"] > 0, f"{field}.{key}_max", f"must be positive, got {p[key + '_max']}")
