@@ -53,7 +53,7 @@ def inner_grad(ws, k, target, residual):
 
 def smt_reference(module: hope.SelfModifyingTitans, p, x_BxTxD, chunk: int):
     """Self-modifying Titans per batch row and head, token by token:
-    k = l2(M_k(x)), v = M_v(x), q = l2(M_q(x)), eta = theta_max sig(w . M_eta(x) + b),
+    k = l2(M_k(x)), v = l2(M_v(x)) (value_norm), q = l2(M_q(x)), eta = theta_max sig(w . M_eta(x) + b),
     keep = 1 - sig(w . M_alpha(x) + b); every adaptive M: M <- keep M - eta grad 1/2 ||M(k) - M(v)||^2; the main
     memory likewise with target M(v) (self_target) or v; y = M_memory before (read "before") or after the write.
     With chunk > 1 every read of a projection memory, every self-generated value and every gradient uses the
@@ -74,6 +74,7 @@ def smt_reference(module: hope.SelfModifyingTitans, p, x_BxTxD, chunk: int):
                 x = xh[b, t, h]
                 read = {name: mlp(proj0[name], x, p.projection_residual) for name in hope.PROJECTIONS}
                 k, v, q = l2(read["k"], eps), read["v"], l2(read["q"], eps)
+                v = l2(v, eps) if p.value_norm else v
                 eta = theta_max * jax.nn.sigmoid(read["eta"] @ w_gate[0] + b_gate[0])
                 keep = 1.0 - jax.nn.sigmoid(read["alpha"] @ w_gate[1] + b_gate[1])
                 for name in adaptive:
@@ -94,6 +95,7 @@ SMT_CASES = {
     "linear_projections_read_after": dict(projection_depth=1, projection_residual="none", read="after"),
     "static_projections_titans_target": dict(adaptive="", self_target=False),
     "keys_and_values_only": dict(adaptive="k,v", memory_residual="none"),
+    "unnormalised_values": dict(value_norm=False),
 }
 
 
@@ -144,10 +146,10 @@ def swiglu_grad(ws, k, v):
     return jax.grad(lambda w: 0.5 * jnp.sum((swiglu(w, k) - v) ** 2))(ws)
 
 
-def cms_reference(level: hope.CMSLevel, x_BxTxD, chunk: int):
+def cms_reference(level: hope.CMSLevel, x_BxTxD, chunk: int, theta_max: float):
     """y_t = x_t + f_W(k_t), f_W(k) = down(SiLU(k gate) * k up), with W fixed in each block of `chunk` tokens;
     at the block's end W <- W - sum_i lr_i grad 1/2 ||f_W(k_i) - v_i||^2 (at the block-start W);
-    k = norm(x), v = k W_v, lr = theta_max sig(k w + b)."""
+    k = norm(x), v = k W_v, lr = theta_max sig(k w + b) / d_model."""
     out = np.zeros(x_BxTxD.shape)
     for b in range(x_BxTxD.shape[0]):
         weights = level.weights(jnp.float64)
@@ -155,7 +157,7 @@ def cms_reference(level: hope.CMSLevel, x_BxTxD, chunk: int):
         for t in range(x_BxTxD.shape[1]):
             k = level.norm(x_BxTxD[b, t])
             v = k @ level.value.kernel[...]
-            lr = level.theta_max * jax.nn.sigmoid(k @ level.lr_gate.kernel[...][:, 0] + level.lr_bias[...][0])
+            lr = theta_max / k.shape[-1] * jax.nn.sigmoid(k @ level.lr_gate.kernel[...][:, 0] + level.lr_bias[...][0])
             out[b, t] = x_BxTxD[b, t] + swiglu(weights, k)
             grads = swiglu_grad(weights, k, v)
             accumulated = [a - lr * g for a, g in zip(accumulated, grads)]
@@ -165,10 +167,13 @@ def cms_reference(level: hope.CMSLevel, x_BxTxD, chunk: int):
     return out
 
 
+CMS_THETA = 6.0  # x sigmoid / d_model (12): steps of about 0.1 per token
+
+
 def cms_problem(chunk):
     # Weights of std 0.3 (not init_std): the updates then move the outputs visibly.
     model_cfg = tiny_config(**{"model.d_model": 12, "model.dtype": "float64", "model.init_std": 0.3}).model
-    level = hope.CMSLevel(model_cfg, chunk, width=16, theta_max=0.5, theta_init=0.1,
+    level = hope.CMSLevel(model_cfg, chunk, width=16, theta_max=CMS_THETA, theta_init=0.1,
                           rngs=nnx.Rngs(params=1))
     return level, jnp.asarray(np.random.default_rng(1).normal(size=(2, 11, 12)))
 
@@ -178,9 +183,9 @@ def test_cms_level_updates_every_chunk_tokens_from_its_accumulated_gradients(chu
     with jax.enable_x64(True):
         level, x = cms_problem(chunk)
         out, _ = level(x)
-        np.testing.assert_allclose(out, cms_reference(level, x, chunk), rtol=0, atol=1e-10)
+        np.testing.assert_allclose(out, cms_reference(level, x, chunk, CMS_THETA), rtol=0, atol=1e-10)
         # The updates matter: a level that never updates (chunk beyond the sequence) differs after the first block.
-        never = cms_reference(level, x, 100)
+        never = cms_reference(level, x, 100, CMS_THETA)
         np.testing.assert_allclose(out[:, :chunk], never[:, :chunk], rtol=0, atol=1e-10)
         assert np.abs(np.asarray(out[:, chunk:] - never[:, chunk:])).max() > 1e-4
 

@@ -5,7 +5,7 @@ Block: x + SelfModifyingTitans(norm x), then for each CMS level l in order x + l
 
 Self-modifying Titans, per memory head (width dh) and token t, with x_t = the head's slice of x W_in:
 
-  k_t = l2(M_k,t-1(x_t)),  v_t = M_v,t-1(x_t),  q_t = l2(M_q,t-1(x_t))
+  k_t = l2(M_k,t-1(x_t)),  v_t = l2(M_v,t-1(x_t)),  q_t = l2(M_q,t-1(x_t))
   eta_t = theta_max sigmoid(w_eta . M_eta,t-1(x_t) + b_eta)        (step size)
   alpha_t = 1 - sigmoid(w_alpha . M_alpha,t-1(x_t) + b_alpha)      (retention: the kept fraction)
   v_hat_[],t = M_[],t-1(v_t)                                        (self-generated values)
@@ -25,6 +25,11 @@ Choices where the paper leaves them open (or where a language model needs one):
   static projections (their initial state, trained by the outer loop only). The main memory's own target
   is v_hat = M_memory(v_t) with `self_target`, else v_t (Titans).
 - No short convolution: the paper's projections are the memories themselves.
+- v_t is L2-normalised (`value_norm`), as k_t and q_t. With a self-generated value the update is not a
+  contraction by itself: for M(x) = x + x W the step is W <- (alpha I - eta k^T (k - v)) W - eta k^T (k - v),
+  whose factor has the eigenvalue alpha - eta (1 - v . k) along k, above 1 wherever v . k > 1: an
+  unnormalised v grew the memories geometrically (a quickstart run went non-finite at step 35). With
+  ||v|| = 1, 0 <= 1 - v . k <= 2 and the factor stays in [alpha - 2 eta, alpha].
 - Chunk-parallel training: in a chunk of `chunk` tokens every projection memory is read, and every
   self-generated value formed, at the chunk-start state (reading M_[],t-1 would need the chunk's own
   writes before its projections exist: a sequential dependence); the main memory is the engine's chunk
@@ -41,7 +46,8 @@ within each block of C tokens (from the sequence start) and, at the block's end,
 inner gradients: W <- W - sum_{i in block} lr_i grad 1/2 ||f_W(k_i) - v_i||^2, all at the block-start W.
 Its inner objective: k_i = the level's (normalised) input, v_i = k_i W_v (a learned value map: the outer
 loop learns what the level stores; an identity target would pull the MLP towards the identity and
-double the residual stream), lr_i = cms_theta_max sigmoid(k_i w + b). The carried state is the weights,
+double the residual stream), lr_i = cms_theta_max sigmoid(k_i w + b) / d_model (k_i is RMS-normalised:
+||k_i||^2 = d_model, the scale of the inner loss's curvature). The carried state is the weights,
 the gradient accumulated since the last block end and the position in the block: constant in size.
 
 With `self_modifying` off the mixer is Titans' NeuralMemory with the titans_lmm settings overridden by
@@ -96,12 +102,13 @@ def projection_spec(p, eps: float) -> engine.Spec:
                        optimizer="gd", retention="decay", read="before", chunk=p.chunk, eps=eps)
 
 
-def smt_chunk(mspec: engine.Spec, pspec: engine.Spec, adaptive, self_target: bool, theta_max: float, eps: float,
-              proj, memory, momentum, readout, x_CxK) -> tuple:
+def smt_chunk(mspec: engine.Spec, pspec: engine.Spec, adaptive, self_target: bool, value_norm: bool,
+              theta_max: float, eps: float, proj, memory, momentum, readout, x_CxK) -> tuple:
     """One chunk of one head from the chunk-start states: (y [C, dh], new proj, memory, momentum).
     proj: {name: maps}; readout: {"eta" / "alpha": (w [dh], b [])}."""
     reads = {name: engine.apply_fixed(pspec, proj[name], x_CxK) for name in PROJECTIONS}
     k, q, v = neural.l2_normalize(reads["k"], eps), neural.l2_normalize(reads["q"], eps), reads["v"]
+    v = neural.l2_normalize(v, eps) if value_norm else v
     gate = {name: reads[name] @ readout[name][0] + readout[name][1] for name in ("eta", "alpha")}
     lr, keep = theta_max * jax.nn.sigmoid(gate["eta"]), 1.0 - jax.nn.sigmoid(gate["alpha"])
     ones = jnp.ones_like(lr)
@@ -124,6 +131,7 @@ class SelfModifyingTitans(nnx.Module):
         self.heads, self.head_dim, self.dtype, self.eps = h, dh, dtype, model_cfg.norm_eps
         self.mspec, self.pspec = memory_spec(p, model_cfg.norm_eps), projection_spec(p, model_cfg.norm_eps)
         self.adaptive, self.self_target, self.theta_max = parse_adaptive(p.adaptive), p.self_target, p.theta_max
+        self.value_norm = p.value_norm
         self.project_in = layers.Dense((d,), (h, dh), ("embed", "heads", "head_dim"), std=std, dtype=dtype, rngs=rngs)
         # Initial states start recurrences (per sequence), not weights of the model's matmuls: no decay.
         self.projections = nnx.Dict({
@@ -173,7 +181,8 @@ class SelfModifyingTitans(nnx.Module):
         chunks = jnp.moveaxis(joined_BxHxSxK[:, :, : n * c].reshape(*x_BxHxTxK.shape[:2], n, c, -1), 2, 0)
         readout = {"eta": (self.readout[0], self.gate_bias[0]), "alpha": (self.readout[1], self.gate_bias[1])}
         readout = jax.tree_util.tree_map(lambda a: a[...].astype(inner), readout)
-        step = partial(smt_chunk, self.mspec, self.pspec, self.adaptive, self.self_target, self.theta_max, self.eps)
+        step = partial(smt_chunk, self.mspec, self.pspec, self.adaptive, self.self_target, self.value_norm,
+                       self.theta_max, self.eps)
         # Batch (everything), then heads (states, readout and inputs; the readout has no batch axis).
         step_h = jax.vmap(step, in_axes=(0, 0, 0, 0, 0))
         step_bh = jax.vmap(step_h, in_axes=(0, 0, 0, None, 0))
@@ -222,9 +231,11 @@ CMS_SPEC = engine.Spec(memory="gated", activation="silu", residual="none", objec
 class CMSLevel(nnx.Module):
     """One level: a SwiGLU MLP, static (chunk 0) or updated at the end of every block of `chunk` tokens."""
 
-    def __init__(self, model_cfg, chunk: int, width: int, theta_max: float, theta_init: float, *, rngs: nnx.Rngs):
+    def __init__(self, model_cfg, chunk: int, width: int, theta_max: float, theta_init: float, *, remat_blocks: int = 4,
+                 rngs: nnx.Rngs):
         d, dtype = model_cfg.d_model, jnp.dtype(model_cfg.dtype)
-        self.chunk, self.theta_max = chunk, theta_max
+        # The keys are RMS-normalised (squared norm d_model), so the step is per unit of their curvature.
+        self.chunk, self.step_scale, self.remat_blocks = chunk, theta_max / d, remat_blocks
         self.norm = layers.RMSNorm(d, eps=model_cfg.norm_eps, dtype=dtype)
         self.mlp = layers.SwiGLU(d, width, std=model_cfg.init_std, out_std=sublayers.output_std(model_cfg),
                                  dtype=dtype, rngs=rngs)
@@ -255,8 +266,8 @@ class CMSLevel(nnx.Module):
             state = self.init_state(x_BxTxD.shape[0], inner)
         k = h_BxTxD.astype(inner)
         streams = {"k": k, "v": self.value(h_BxTxD).astype(inner),
-                   "lr": self.theta_max * jax.nn.sigmoid((self.lr_gate(h_BxTxD) + self.lr_bias[...]).astype(inner))}
-        y_BxTxD, new_state = cms_scan(self.chunk, state, streams)
+                   "lr": self.step_scale * jax.nn.sigmoid((self.lr_gate(h_BxTxD) + self.lr_bias[...]).astype(inner))}
+        y_BxTxD, new_state = cms_scan(self.chunk, state, streams, self.remat_blocks)
         return x_BxTxD + y_BxTxD.astype(x_BxTxD.dtype), (new_state if carried else None)
 
 
@@ -273,7 +284,7 @@ def cms_block(carry, block):
     return (new_weights, new_grad), y
 
 
-def cms_scan(c: int, state, streams) -> tuple[jax.Array, dict]:
+def cms_scan(c: int, state, streams, remat_blocks: int = 4) -> tuple[jax.Array, dict]:
     """A level over a call's tokens [B, T, ...] from its state (weights, accumulated gradient, position in
     the block): the call is placed on the block grid by `count` leading empty slots (zero step size)."""
     count = state["count"]
@@ -286,8 +297,16 @@ def cms_scan(c: int, state, streams) -> tuple[jax.Array, dict]:
     placed["lr"] = jnp.where(inside[None, :], placed["lr"][..., 0], 0.0)
     blocks = {name: jnp.moveaxis(x.reshape(b, n, c, *x.shape[2:]), 1, 0) for name, x in placed.items()}
     blocks["ends"] = jnp.arange(1, n + 1) * c <= count + t
-    (weights, grad), y = jax.lax.scan(jax.checkpoint(cms_block), (state["weights"], state["grad"]), blocks)
-    y_BxSxD = jnp.moveaxis(y, 0, 1).reshape(b, n * c, -1)
+    # Rematerialised in groups of blocks: the backward stores one (weights, accumulator) per group.
+    group = engine.remat_group(engine.Spec(remat_chunks=remat_blocks), n)
+
+    @jax.checkpoint
+    def one_group(carry, xs):
+        return jax.lax.scan(cms_block, carry, xs)
+
+    grouped = jax.tree_util.tree_map(lambda a: a.reshape(n // group, group, *a.shape[1:]), blocks)
+    (weights, grad), y = jax.lax.scan(one_group, (state["weights"], state["grad"]), grouped)
+    y_BxSxD = jnp.moveaxis(y.reshape(n, *y.shape[2:]), 0, 1).reshape(b, n * c, -1)
     new_state = {"weights": weights, "grad": grad, "count": (count + t) % c}
     return jax.lax.dynamic_slice_in_dim(y_BxSxD, count, t, axis=1), new_state
 
@@ -314,6 +333,7 @@ class HopeBlock(Block):
         "self_modifying": True,  # False: the mixer is Titans' NeuralMemory (titans_lmm's settings)
         "adaptive": "k,v,q,eta,alpha",  # projection memories updated in context (the rest stay static)
         "self_target": True,  # the main memory's value is M_memory(v_t) (else v_t)
+        "value_norm": True,  # L2-normalise v_t as k_t and q_t (see the module docstring: stability)
         "heads": 4,
         "memory_depth": 2,  # the main memory's linear maps (engine MLP)
         "memory_expansion": 4,  # its hidden width / head width
@@ -322,13 +342,13 @@ class HopeBlock(Block):
         "projection_residual": "add",
         "read": "before",  # y_t = M_t-1(q_t) (the paper's) or M_t(q_t) ("after")
         "chunk": 16,  # tokens per chunk of the self-modifying Titans (chunk-start reads and gradients)
-        "remat_chunks": 4,
+        "remat_chunks": 4,  # chunks (and CMS blocks) per rematerialisation group: one stored state per group
         "theta_max": 0.1,  # eta_t = theta_max * sigmoid(.): no momentum, so a chunk moves <= theta_max * chunk
         "theta_init": 0.01,
         "alpha_init": 0.01,  # forgetting at initialisation (alpha_t above is 1 - this)
         "cms_chunks": "16,0",  # CMS levels in chain order: the chunk of each (0 = static)
-        "cms_theta_max": 0.01,  # CMS levels' inner step size: lr = cms_theta_max * sigmoid(.)
-        "cms_theta_init": 0.001,
+        "cms_theta_max": 0.05,  # CMS levels' inner step size: lr = cms_theta_max * sigmoid(.) / d_model
+        "cms_theta_init": 0.01,
     }
 
     def __init__(self, cfg, layer_index: int, *, shared=None, rngs: nnx.Rngs):
@@ -342,7 +362,8 @@ class HopeBlock(Block):
             self.memory = neural.NeuralMemory(titans_settings(p), cfg, rngs=rngs)
         chunks = parse_levels(p.cms_chunks)
         width = cms_width(cfg, len(chunks))
-        self.levels = nnx.List([CMSLevel(cfg, c, width, p.cms_theta_max, p.cms_theta_init, rngs=rngs)
+        self.levels = nnx.List([CMSLevel(cfg, c, width, p.cms_theta_max, p.cms_theta_init, remat_blocks=p.remat_chunks,
+                                         rngs=rngs)
                                 for c in chunks])
 
     def init_state(self, batch_size: int, max_len: int, dtype) -> dict:
