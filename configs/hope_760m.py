@@ -6,14 +6,16 @@ Sources of the numbers:
   4e-4 cosine, weight decay 0.1, BPE with a 32,768-token vocabulary: configs/titans_170m.py's
   `paper_recipe`, 0.5M tokens per step). 30B tokens = 57,000 steps of 128 x 4096.
 - Shape: the Transformer++ 760M of that lineage (Gated DeltaNet, Titans, ATLAS baselines; Mamba's
-  table of GPT-3 shapes): 24 layers of d_model 1536. Memory heads of width 128 (12 heads), as the
-  Titans configs here.
+  table of GPT-3 shapes): d_model 1536, 24 layers. A HOPE layer holds about 13 d_model^2 parameters
+  (W_in, the output gate and projection 3, the CMS levels' SwiGLU widths 8, the two in-context levels'
+  value maps 2) against a Transformer layer's 12, so 24 layers would be 815M: 22 keep the count at the
+  name (752M, counted with factory.abstract). Memory heads of width 128 (12 heads), as the Titans
+  configs here.
 - Not in the paper (our choices, see memjax/memory/hope.py): the CMS levels (one updated every 64
   tokens, one every 512, one static, together the SwiGLU FFN's width, so that the chain has a
   Transformer++ FFN's parameters), the chunk of 64 with 8 chunks per remat group (per-sequence fast
   weights of every memory are carried through the chunk scan; the backward stores one copy per group),
   and the inner step sizes of configs/hope_quickstart.py.
-Parameter count: printed by `python -m memjax.aot` (see README).
 """
 
 import os
@@ -35,9 +37,9 @@ def paper_config(d_model: int, num_layers: int, num_heads: int, tokens: float):
     m.dtype = "bfloat16"
     m.hope.update({**HOPE, "heads": d_model // 128, "chunk": 64, "remat_chunks": 8, "cms_chunks": "64,512,0"})
     paper_recipe(cfg)
-    cfg.train.steps = round(tokens / (cfg.train.batch_size * cfg.train.seq_len), -3)
+    cfg.train.steps = int(round(tokens / (cfg.train.batch_size * cfg.train.seq_len), -3))
     return cfg
 
 
 def get_config():
-    return paper_config(d_model=1536, num_layers=24, num_heads=16, tokens=30e9)
+    return paper_config(d_model=1536, num_layers=22, num_heads=16, tokens=30e9)
