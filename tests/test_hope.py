@@ -3,6 +3,7 @@ loops written from the paper's equations (not from the implementation), the redu
 validation. Causality, calls == one call == decoding, segment carry and sharding: tests/test_conformance.py."""
 
 import copy
+import importlib.util
 from functools import partial
 
 import jax
@@ -12,12 +13,25 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from memjax import config
+from memjax import config, trainer
+from memjax.config import load_config
 from memjax.memory import hope
-from memjax.models import factory, layers
-from tests.helpers import split_calls, tiny_config, token_by_token
+from memjax.metrics import read_jsonl
+from memjax.models import factory, layers, registry
+from tests.helpers import config_file, split_calls, tiny_config, token_by_token
 
 VOCAB = 64
+
+
+def _quickstart():
+    """configs/hope_quickstart.py as a module (config files load by path): its HOPE settings."""
+    spec = importlib.util.spec_from_file_location("hope_quickstart", config_file("hope_quickstart"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+QUICKSTART = _quickstart()
 
 
 def hope_settings(**overrides) -> ml_collections.ConfigDict:
@@ -308,3 +322,47 @@ def test_document_segments_must_be_whole_chunks_of_every_level():
     with pytest.raises(config.ConfigError, match="model.hope.cms_chunks: must divide train.seq_len=32"):
         hope_config(**{"model.hope.cms_chunks": "4,12,0", "train.segments_per_step": 2})
     hope_config(**{"model.hope.cms_chunks": "4,16,0", "train.segments_per_step": 2})
+
+
+# ------------------------------------------------------------------------------------------- configs
+
+PAPER = {"hope_760m": ((720e6, 800e6), 1536), "hope_1p3b": ((1.25e9, 1.40e9), 2048)}
+PAPER_VOCAB = 32768
+
+
+def test_quickstart_validates_and_is_cpu_sized():
+    cfg = load_config(config_file("hope_quickstart"))
+    config.validate(cfg)
+    m, t = cfg.model, cfg.train
+    assert registry.block_names(m) == ["hope"] * m.num_layers
+    assert m.dtype == "float32" and cfg.data.tokenizer == "byte" and t.seq_len == 256 and m.d_model <= 192
+    assert hope.parse_levels(m.hope.cms_chunks) == [16, 64, 0]
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_config_builds_abstractly_at_its_size(name):
+    (low, high), d_model = PAPER[name]
+    cfg = load_config(config_file(name))
+    config.validate(cfg)
+    m = cfg.model
+    assert m.d_model == d_model and m.hope.heads * 128 == d_model
+    assert m.dtype == "bfloat16" and cfg.train.seq_len == 4096 and cfg.data.bpe_vocab_size == PAPER_VOCAB
+    assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.weight_decay) == (4e-4, "cosine", 0.1)
+    n = factory.count_params(factory.abstract(m, PAPER_VOCAB)[1])
+    assert low < n < high, f"{name}: {n:,} parameters"
+    tokens = cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
+    assert tokens == pytest.approx({"hope_760m": 30e9, "hope_1p3b": 100e9}[name], rel=0.01)
+
+
+def test_tiny_hope_trains_with_falling_loss(tmp_path):
+    """The quickstart's HOPE settings at tiny size: 40 steps, loss falls, evaluations finite."""
+    settings = {f"model.hope.{k}": v for k, v in {**QUICKSTART.HOPE, "heads": 2, "chunk": 4,
+                                                     "cms_chunks": "4,16,0"}.items()}
+    cfg = tiny_config(**{"model.block_pattern": "hope", **settings, "train.steps": 40, "train.eval_every": 20,
+                         "train.checkpoint_every": 0})
+    trainer.train(cfg, str(tmp_path))
+    records = read_jsonl(str(tmp_path / "metrics.jsonl"))
+    losses = [r["learning/loss"] for r in records if "learning/loss" in r]
+    evals = [r["eval/loss"] for r in records if "eval/loss" in r]
+    assert all(np.isfinite(losses)) and len(evals) == 2 and all(np.isfinite(evals))
+    assert losses[-1] < losses[0] - 1.0 and evals[-1] < evals[0]
