@@ -27,9 +27,10 @@ Choices where the paper leaves them open (or where a language model needs one):
 - No short convolution: the paper's projections are the memories themselves.
 - v_t is L2-normalised (`value_norm`), as k_t and q_t. With a self-generated value the update is not a
   contraction by itself: for M(x) = x + x W the step is W <- (alpha I - eta k^T (k - v)) W - eta k^T (k - v),
-  whose factor has the eigenvalue alpha - eta (1 - v . k) along k, above 1 wherever v . k > 1: an
-  unnormalised v grew the memories geometrically (a quickstart run went non-finite at step 35). With
-  ||v|| = 1, 0 <= 1 - v . k <= 2 and the factor stays in [alpha - 2 eta, alpha].
+  whose factor has the eigenvalue alpha - eta (1 - v . k) along k: above 1 once eta (v . k - 1) exceeds
+  the forgetting 1 - alpha, which an unnormalised v reaches (the memories grew geometrically: a quickstart
+  run went non-finite at step 35). With ||v|| = 1, 0 <= 1 - v . k <= 2 and the eigenvalue stays in
+  [alpha - 2 eta, alpha].
 - Chunk-parallel training: in a chunk of `chunk` tokens every projection memory is read, and every
   self-generated value formed, at the chunk-start state (reading M_[],t-1 would need the chunk's own
   writes before its projections exist: a sequential dependence); the main memory is the engine's chunk
