@@ -16,6 +16,12 @@ Sources of the numbers:
   Transformer++ FFN's parameters), the chunk of 64 with 8 chunks per remat group (per-sequence fast
   weights of every memory are carried through the chunk scan; the backward stores one copy per group),
   and the inner step sizes of configs/hope_quickstart.py.
+
+Per-chip memory (`python -m memjax.aot --config configs/hope_760m.py --topology v4:4x4x4`, from a CPU
+host, compile 885 s): FSDP over 64 chips, 2 sequences of 4096 per chip: the compiler's peak is 46.3 GiB
+against 30.75 GiB of HBM: it does NOT fit at this batch (the per-sequence fast weights of every memory
+and level dominate). Not measured: grad_accum_steps=2 (1 sequence per chip), larger chips (v5p), the
+1.3B config.
 """
 
 import os
