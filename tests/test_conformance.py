@@ -18,7 +18,7 @@ Properties, float32:
     segments, then the second and the first again, each from a reset lane). The first segment from
     init_carry == the first half of the one call (a fresh start, causal), and a reset lane's rerun of it
     is bit-identical to it; what the second must equal depends on what the block carries (`carry_family`):
-    - "recurrent" (neural memory without attention, MAC, HMT): the carry is the whole state, so the
+    - "recurrent" (neural memory without attention, MAC, HMT, HOPE): the carry is the whole state, so the
       second segment == the second half of the one call, and differs from the fresh run (MAC: its
       attention never crosses its own segments, on whose grid the carried segments lie);
     - "local" (no init_carry: attention, swa, pkm): nothing crosses: the second == the fresh run, and
@@ -99,7 +99,7 @@ def case_config(name: str, size: str):
 
 
 def carry_family(name: str, cfg) -> str:
-    if name == "hmt":
+    if name in ("hmt", "hope"):  # hope: memories only (self-modifying Titans, CMS levels), no attention
         return "recurrent"
     block = registry.load()[name]
     if block.init_carry is registry.Block.init_carry:  # the base's: the block carries nothing

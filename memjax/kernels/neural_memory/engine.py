@@ -457,6 +457,19 @@ def chunk_step_linear(spec: Spec, state, momentum, chunk, coef) -> tuple[jax.Arr
     return y_CxD, new_state, new_momentum, losses_K
 
 
+def chunk_end_state(spec: Spec, state, momentum, chunk) -> tuple[Any, Any]:
+    """The chunk-end (state, momentum) of the linear path without reading the memory (for memories whose
+    reads a caller makes elsewhere, e.g. at the chunk-start state: memjax.memory.hope). `chunk` as for
+    `chunk_step`, without "q"."""
+    if spec.materialised:
+        raise ValueError("chunk_end_state runs the linear path (decay or qnorm retention; gd or momentum)")
+    inputs, deltas, _ = gradient_factors(spec, effective_weights(spec, state), chunk["k"], chunk["v"],
+                                         chunk.get("delta"))
+    rows = linear_coefficients(spec, chunk_gates(spec, chunk))
+    return (_combine(rows["state"], state, momentum, inputs, deltas),
+            _combine(rows["momentum"], state, momentum, inputs, deltas))
+
+
 def _per_token(rows_CxK2, start, momentum, inputs, deltas):
     """[C, in, out] per map: row t's combination of (S_0, A_0, g) formed for every token of the chunk."""
     return [
