@@ -8,21 +8,19 @@ rule and the seeds.
 
 Design (quick: byte-level LMs on the embedded corpus, the Python standard library, T = 256, batches of
 8 x 256 tokens, cosine schedule sized to each run, windows of 64 tokens for swa and Titans MAG):
-- Sizes: six shapes (d_model / layers) 32/2, 48/3, 64/3, 96/3, 128/3, 160/4, heads of width 32, the same
-  for every mixer: N = 33K ... 1.27M for attention and swa (38.6x), 49K ... 1.93M for Titans MAG.
-- Tokens grow with N: D(N) = QUICK_TOKENS_AT_REF x (N / QUICK_N_REF)^0.5 (2.2M tokens at N = 100K),
-  rounded to whole steps. A fixed tokens-per-parameter ratio does not fit a CPU: Chinchilla's 20 tokens
-  per parameter at N = 1.27M alone is 25M tokens, over two hours at the ~3.4K tokens/s that size trains
-  at; and a ratio small enough for the big end leaves the small end a few hundred steps, which left
-  every size near the unigram entropy (the first quick preset). Square-root growth keeps the smallest
-  size at ~1.3M tokens (620 steps) and gives the largest 7.8M (3.5x the steps, 6x fewer tokens per
-  parameter). The curves are therefore L(N, D(N)) along this rule, not compute-optimal frontiers.
+- Sizes: six shapes (d_model / layers) 16/2, 24/2, 32/2, 48/2, 64/2, 80/3, heads of width ~32, the same
+  for every mixer: N = 8.3K ... 262K for attention and swa (31.6x), 12.7K ... 393K for Titans MAG (31x).
+- Tokens grow with N: D(N) = 1M x (N / 30K)^0.5, rounded to whole steps (256 steps at 8.3K, 1442 at
+  262K). A fixed tokens-per-parameter ratio does not fit two cores: 20 tokens per parameter at the old
+  preset's largest size alone is hours, and a ratio small enough for the large end leaves the small end
+  a few dozen steps. So the curves are L(N, D(N)) along this rule, not compute-optimal frontiers.
 - Learning rate: a sweep (1e-3, 3e-3, 1e-2) at the two smallest sizes (seed 0); each swept size takes
   its best. Above them lr(d) = c / sqrt(d_model), with c the geometric mean of best_lr x sqrt(d) over the
   swept sizes (Adam's best global rate falls with width in the standard parametrisation; 1/sqrt(d) is the
   milder of the usual rules, between constant and muP's 1/d for hidden matrices).
-- Seeds: 2 at the two smallest sizes (at their best lr), 1 above.
-- Time (estimated per run by `estimate_seconds`, printed by --dry_run): see experiments/README.md.
+- Seeds: 2 at the two smallest sizes (at their best lr), 1 above: 12 runs per mixer.
+- Time: `estimate_seconds` (RUN_COST), printed per run by --dry_run; ~45 minutes alone on two cores
+  (experiments/README.md has the arithmetic).
 
 The full preset is the same code with the Titans paper's sizes (170M / 340M / 760M parameters, 4K
 context, BPE with 32K tokens, 15B / 15B / 30B tokens, AdamW lr 4e-4 cosine, batches of 0.5M tokens:
@@ -92,7 +90,7 @@ PRESETS = {
 # The quick preset's time model, two CPU cores alone (experiments/README.md has the measurements behind
 # it): per mixer, seconds to compile and evaluate a run, seconds per token of fixed cost (per-step
 # overhead; Titans' chunk scan) and the effective FLOP rate of the rest.
-RUN_COST = {"attention": (15.0, 2.6e-6, 60e9), "swa": (20.0, 1e-6, 30e9), "titans_mag": (45.0, 34e-6, 37e9)}
+RUN_COST = {"attention": (15.0, 8e-6, 60e9), "swa": (20.0, 6e-6, 30e9), "titans_mag": (45.0, 40e-6, 37e9)}
 
 
 def estimate_seconds(mixer: str, flops_per_token: float, tokens: float) -> float:
