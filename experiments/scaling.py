@@ -221,8 +221,9 @@ def print_plan(p: dict, finished: list[dict]) -> None:
         n = non_embedding_params(cfg)
         seconds = estimate_seconds(meta["mixer"], meta["flops_per_token"], meta["tokens"])
         total += seconds * (name not in done)
+        shown = "-" if p["paper"] else f"{seconds:.0f}"  # the time model is the quick preset's CPU
         print(f"{name:<36} {n:>12,} {meta['tokens']:>14,} {cfg.train.steps:>7,} {meta['flops']:>9.2e} "
-              f"{seconds:>7.0f}  {'done' if name in done else 'to run'}")
+              f"{shown:>7}  {'done' if name in done else 'to run'}")
     waiting = [m for m in p["mixers"] if not any(meta["mixer"] == m and meta["phase"] == "size" for *_, meta in runs)]
     if waiting:  # their larger sizes need the sweep's results first: estimate them at the sweep's middle lr
         lr = p["sweep_lrs"][len(p["sweep_lrs"]) // 2]
@@ -235,8 +236,9 @@ def print_plan(p: dict, finished: list[dict]) -> None:
             print(f"{name.rsplit('_lr', 1)[0] + '_lr(sweep)_s' + str(meta['seed']):<36} "
                   f"{non_embedding_params(cfg):>12,} {meta['tokens']:>14,} {cfg.train.steps:>7,} "
                   f"{meta['flops']:>9.2e} {seconds:>7.0f}  after the sweep")
-    print(f"token rule: {p['token_rule']}; estimated time of the runs to do: {total / 60:.0f} minutes "
-          "(two cores, alone; the quick preset's throughput model)")
+    estimate = ("" if p["paper"] else f"; estimated time of the runs to do: {total / 60:.0f} minutes (two CPU "
+                "cores, alone: scaling.RUN_COST)")
+    print(f"{len(runs)} runs planned; token rule: {p['token_rule']}{estimate}")
 
 
 # ---------------------------------------------------------------------------------------- the L(x) fit
@@ -480,8 +482,8 @@ def main(argv=None):
     study.quiet()
     p = PRESETS[args.preset]
     s = study.Study("scaling", args.out)
-    finished = [r for r in (s.result(name) for name, *_ in plan(p)) if r is not None]
     if args.dry_run:
+        finished = [r for r in (s.result(name) for name, *_ in plan(p)) if r is not None]  # the sweep's
         finished = [r for r in (s.result(name) for name, *_ in plan(p, finished)) if r is not None]
         print_plan(p, finished)
         return
