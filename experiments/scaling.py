@@ -104,7 +104,9 @@ def run_config(mixer: str, shape: tuple, lr: float, seed: int, p: dict):
     the preset's token rule on the run's N)."""
     d_model, num_layers, num_heads, memory_heads, _ = shape
     if p["paper"]:
-        sys.path.insert(0, os.path.join(study.REPO, "configs"))  # config files load by path
+        configs = os.path.join(study.REPO, "configs")  # config files load by path, not as a package
+        if configs not in sys.path:
+            sys.path.insert(0, configs)
         from titans_170m import paper_config
 
         cfg = paper_config(d_model, num_layers, num_heads, memory_heads or num_heads)
