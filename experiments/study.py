@@ -26,8 +26,9 @@ RESULTS = os.path.join(REPO, "experiments", "results")
 PRESETS = ("quick", "full")
 
 
-def parse_args(study: str, doc: str, argv=None) -> argparse.Namespace:
-    """--preset, --out and --only (run only the runs whose names contain it)."""
+def parse_args(study: str, doc: str, argv=None, extra: Callable | None = None) -> argparse.Namespace:
+    """--preset, --out and --only (run only the runs whose names contain it); `extra(parser)` adds a
+    study's own flags."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default="quick",
@@ -35,6 +36,8 @@ def parse_args(study: str, doc: str, argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default="", help=f"output folder (default experiments/results/{study})")
     parser.add_argument("--only", default="", help="run only the runs whose name contains this (the outputs "
                                                      "still show every finished run)")
+    if extra is not None:
+        extra(parser)
     args = parser.parse_args(argv)
     args.out = args.out or os.path.join(RESULTS, study)
     # Runs that differ only in their seed compile the same programs: a persistent cache compiles them
