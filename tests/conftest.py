@@ -20,6 +20,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# The scaling fits' thousands of tiny solves (tests/test_scaling.py) run 20x slower with BLAS threads
+# competing for the cores the other test worker uses; set before numpy loads, as experiments/scaling.py does.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 # Modules whose tests compile many programs or train end to end: most of the suite's time (its
 # --durations list). `pytest -m "not slow"` leaves them out for a quick inner loop; CI runs them all.
