@@ -330,3 +330,15 @@ def test_paper_config_builds_abstractly_at_its_size(name):
     assert low < n < high, f"{name}: {n:,} parameters"
     flops = factory.flops_per_token(m, cfg.data.bpe_vocab_size, cfg.train.seq_len)
     assert np.isfinite(flops) and flops > 6 * (n - cfg.data.bpe_vocab_size * d_model)
+
+
+def test_evaluation_logs_step_sizes_decays_and_state_norms():
+    cfg = tiny_config(**{"model.block_pattern": "gated_deltanet,deltanet"})
+    graphdef, params = factory.build(cfg.model, VOCAB, jax.random.key(0))
+    ids = ids_of(32)
+    metrics = factory.eval_metrics(cfg.model, graphdef, params, [{"inputs": ids}, {"inputs": ids}])
+    assert set(metrics) == {f"memory/layer{i}/{name}" for i in (0, 1) for name in ("beta", "alpha", "state_norm")}
+    assert 0.4 < metrics["memory/layer0/beta"] < 0.6  # sigmoid of near-zero logits at initialisation
+    assert 0.5 < metrics["memory/layer0/alpha"] < 1.0 and metrics["memory/layer1/alpha"] == 1.0  # no decay
+    assert metrics["memory/layer0/state_norm"] > 0
+    assert not nnx.merge(graphdef, params).blocks[0].mixer.record

@@ -39,6 +39,7 @@ from flax import nnx
 from memjax.kernels import delta_rule
 from memjax.memory import neural
 from memjax.models import layers, sublayers
+from memjax.models.diagnostics import batch_mean, capture
 from memjax.models.registry import Block, register
 
 HYBRIDS = ("none", "swa")
@@ -83,6 +84,7 @@ class DeltaRuleMixer(nnx.Module):
         self.out_norm = nnx.Param(jnp.ones((h, dv), jnp.float32), logical_axes=("heads", "head_dim"), decay=False)
         self.out_gate = layers.Dense((d,), (h, dv), ("embed", "heads", "head_dim"), std=std, dtype=dtype, rngs=rngs)
         self.out = layers.Dense((h, dv), (d,), ("heads", "head_dim", "embed"), std=out_std, dtype=dtype, rngs=rngs)
+        self.record = False  # set by diagnostics only: sown values would otherwise be written every step
 
     def init_state(self, batch_size: int, dtype=jnp.float32) -> dict:
         """Before a sequence: S = 0 (in the inner dtype, float32 at least) and no conv history."""
@@ -135,6 +137,11 @@ class DeltaRuleMixer(nnx.Module):
             state = self.init_state(x_BxTxD.shape[0], x_BxTxD.dtype)
         s, conv = self.streams(x_BxTxD, state["conv"])
         o_BxTxHxV, memory = self.recur(s, state["memory"])
+        if self.record:
+            self.sow(nnx.Intermediate, "diagnostics", {
+                "beta": jnp.mean(s["beta"]), "alpha": jnp.mean(jnp.exp(s["log_decay"])),
+                "state_norm": jnp.mean(jnp.sqrt(jnp.sum(memory * memory, axis=(-2, -1)))),
+            })
         o_BxTxHxV = layers.rms_normalize(o_BxTxHxV, self.eps) * self.out_norm[...]
         gated = o_BxTxHxV.astype(self.dtype) * jax.nn.silu(self.out_gate(x_BxTxD))
         out_BxTxD = self.out(gated).astype(x_BxTxD.dtype)
@@ -232,6 +239,30 @@ class DeltaRuleBlock(Block):
         if p.hybrid == "swa":
             total += 12.0 * d * min(p.window, seq_len)
         return total
+
+
+    @staticmethod
+    def eval_metrics(graphdef, params, batches) -> dict[str, float]:
+        """Per delta-rule layer, averaged over evaluation batches: memory/layer<i>/beta and alpha (the mean
+        step size and decay per delta step and token) and state_norm (the mean Frobenius norm of a head's
+        state S after the batch's sequences)."""
+        return batch_mean(_captured_diagnostics, graphdef, params, batches)
+
+
+def delta_layers(model) -> list[tuple[int, DeltaRuleBlock]]:
+    return [(i, block) for i, block in enumerate(model.blocks) if isinstance(block, DeltaRuleBlock)]
+
+
+def _switch_on_recording(model) -> None:
+    for _, block in delta_layers(model):
+        block.mixer.record = True
+
+
+def _captured_diagnostics(graphdef, params, inputs_BxT) -> dict:
+    model, captured = capture(graphdef, params, inputs_BxT, _switch_on_recording)
+    return {f"memory/layer{i}/{name}": jnp.mean(jnp.stack([record[name] for record in
+                                                          captured["blocks"][i]["mixer"]["diagnostics"]]))
+            for i, _ in delta_layers(model) for name in ("beta", "alpha", "state_norm")}
 
 
 def register_delta_block(name: str, **defaults) -> type[DeltaRuleBlock]:
