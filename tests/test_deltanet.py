@@ -107,6 +107,13 @@ def test_chunked_kernel_equals_the_token_loop(x64, chunk, remat_chunks, decay):
     np.testing.assert_allclose(end, end_ref, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("c", [1, 2, 5, 8, 13])
+def test_the_unit_triangular_inverse_is_exact(x64, c):
+    a = jnp.tril(jnp.asarray(np.random.default_rng(c).normal(size=(3, c, c))), -1)
+    np.testing.assert_allclose(delta_rule.unit_lower_inverse(a) @ (jnp.eye(c) + a), np.broadcast_to(np.eye(c), a.shape),
+                               rtol=0, atol=1e-9)
+
+
 def test_strong_decay_stays_finite_and_exact(x64):
     """log decays of -50 per step (ratios exp(+-650) across a chunk if formed carelessly)."""
     s, state = random_problem(np.random.default_rng(7), t=16)
@@ -282,8 +289,9 @@ def test_flops_count_the_chunked_work_per_delta_step():
     cfg = tiny_config(**{"model.block_pattern": "gated_deltanet"})
     gated, product = registry.load()["gated_deltanet"], registry.load()["deltaproduct"]
     dk = 32 // 4
-    # Chunk min(64, 32) = 32 tokens: 4 C K + C (K + V) + 2 C V + 6 K V + 4 C per step, 3x (fwd + bwd), 4 heads.
-    per_step = 4 * 32 * dk + 32 * 2 * dk + 2 * 32 * dk + 6 * dk * dk + 4 * 32
+    # Chunk min(64, 32) = 32 tokens: 4 C K + 2 C (K + V) + 2 C^2 / 3 + 2 C V + 6 K V + 4 C per step, 3x (fwd +
+    # bwd), 4 heads.
+    per_step = 4 * 32 * dk + 2 * 32 * 2 * dk + 2 * 32 * 32 / 3 + 2 * 32 * dk + 6 * dk * dk + 4 * 32
     assert gated.flops_per_token(cfg.model, 32) == 3 * 4 * per_step
     # Two steps per token, chunks of 64 steps: more than twice the work.
     assert product.flops_per_token(cfg.model, 32) > 2 * gated.flops_per_token(cfg.model, 32)

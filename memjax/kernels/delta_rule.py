@@ -17,10 +17,11 @@ unit lower-triangular system
 
     (I + A) U = diag(beta) V - diag(beta gamma) K S_0,   A_ij = beta_i (gamma_i / gamma_j) k_i . k_j  (i > j)
 
-(the UT / WY representation). So per chunk, all in parallel over batch, heads and chunks: one triangular
-solve gives U~ = (I + A)^-1 diag(beta) V and W = (I + A)^-1 diag(beta gamma) K; then the chunk-to-chunk
-scan needs only matmuls: U = U~ - W S_0, o_i = gamma_i q_i S_0 + sum_{j <= i} (gamma_i / gamma_j)
-(q_i . k_j) u_j, S_C = gamma_C S_0 + sum_j (gamma_C / gamma_j) k_j u_j^T.
+(the UT / WY representation). So per chunk, all in parallel over batch, heads and chunks: the inverse of
+the unit triangular I + A (`unit_lower_inverse`) gives U~ = (I + A)^-1 diag(beta) V and
+W = (I + A)^-1 diag(beta gamma) K; then the chunk-to-chunk scan needs only matmuls: U = U~ - W S_0,
+o_i = gamma_i q_i S_0 + sum_{j <= i} (gamma_i / gamma_j) (q_i . k_j) u_j,
+S_C = gamma_C S_0 + sum_j (gamma_C / gamma_j) k_j u_j^T.
 
 This is an exact reformulation of the recurrence: any chunk size, 1 included, computes the same outputs
 and final state up to rounding. (The Titans engine's chunking, memjax.kernels.neural_memory, is not: it
@@ -29,14 +30,37 @@ Hence a call may take any length: the last chunk is padded with beta = 0 and log
 steps), and the carried state is S alone. Every ratio gamma_i / gamma_j used has i >= j, so it lies in
 (0, 1]: nothing overflows however strong the decay.
 
-The scan carries S over chunks in rematerialisation groups of `remat_chunks` chunks (the backward stores
-one state per group, as the neural-memory engine does).
+Everything is matmuls (no LAPACK call). The scan carries S over chunks in rematerialisation groups of
+`remat_chunks` chunks (the backward stores one state per group, as the neural-memory engine does).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+
+def unit_lower_inverse(a_xCxC) -> jax.Array:
+    """(I + A)^-1 for a strictly lower-triangular A [.., C, C], by recursive doubling: the inverses of the
+    diagonal blocks of size s give those of size 2s, [[T1, 0], [A21, T2]]^-1 = [[T1^-1, 0],
+    [-T2^-1 A21 T1^-1, T2^-1]], so log2(C) levels of batched matmuls (C padded to a power of two with
+    identity rows). Not jax.lax.linalg.triangular_solve: on CPU it calls LAPACK's trsm from XLA's thread
+    pool, and OpenBLAS' own threads then hung a training run (observed with scipy's OpenBLAS)."""
+    c = a_xCxC.shape[-1]
+    p = 1 << max(c - 1, 0).bit_length()
+    batch = a_xCxC.shape[:-2]
+    a = jnp.pad(a_xCxC, [(0, 0)] * len(batch) + [(0, p - c), (0, p - c)])
+    blocks = jnp.ones((*batch, p, 1, 1), a.dtype)  # the inverses of the 1 x 1 diagonal blocks
+    s = 1
+    while s < p:
+        n = p // (2 * s)
+        diagonal = jnp.moveaxis(jnp.diagonal(a.reshape(*batch, n, 2 * s, n, 2 * s), axis1=-4, axis2=-2), -1, -3)
+        first, second = blocks[..., 0::2, :, :], blocks[..., 1::2, :, :]
+        lower = -jnp.einsum("...ij,...jk,...kl->...il", second, diagonal[..., s:, :s], first)
+        top = jnp.concatenate([first, jnp.zeros_like(first)], axis=-1)
+        blocks = jnp.concatenate([top, jnp.concatenate([lower, second], axis=-1)], axis=-2)
+        s *= 2
+    return blocks[..., 0, :c, :c]
 
 
 def chunk_terms(q_xCxK, k_xCxK, v_xCxV, beta_xC, log_decay_xC) -> dict[str, jax.Array]:
@@ -53,8 +77,7 @@ def chunk_terms(q_xCxK, k_xCxK, v_xCxV, beta_xC, log_decay_xC) -> dict[str, jax.
     a_xCxC = jnp.where(strict_CxC, beta_xC[..., :, None] * ratio_xCxC * kk_xCxC, 0.0)
     gamma_xC = jnp.exp(g_xC)
     rhs = jnp.concatenate([beta_xC[..., None] * v_xCxV, (beta_xC * gamma_xC)[..., None] * k_xCxK], axis=-1)
-    # unit_diagonal: the solve takes I + A from A's strictly lower part.
-    solved = jax.lax.linalg.triangular_solve(a_xCxC, rhs, left_side=True, lower=True, unit_diagonal=True)
+    solved = jnp.einsum("...ij,...jd->...id", unit_lower_inverse(a_xCxC), rhs)
     dv = v_xCxV.shape[-1]
     return {
         "u": solved[..., :dv],
@@ -109,8 +132,9 @@ def delta_rule(q_BxHxTxK, k_BxHxTxK, v_BxHxTxV, beta_BxHxT, log_decay_BxHxT, sta
 
 def forward_flops_per_step(chunk: int, key_dim: int, value_dim: int) -> float:
     """Forward FLOPs per step and head of `delta_rule` at this chunk size: the chunk's k.k and q.k
-    matrices (2 C K each per step), the triangular solve (C (K + V) per step), the intra-chunk read
+    matrices (2 C K each per step), applying the triangular inverse (2 C (K + V) per step; forming it
+by recursive doubling adds about 2 C^2 / 3), the intra-chunk read
     (2 C V), three state products per step (W S_0, q S_0, the chunk-end update: 2 K V each) and the
     decay ratios and masks of the C x C matrices (about 4 C)."""
     c, k, v = chunk, key_dim, value_dim
-    return 4.0 * c * k + c * (k + v) + 2.0 * c * v + 6.0 * k * v + 4.0 * c
+    return 4.0 * c * k + 2.0 * c * (k + v) + 2.0 * c * c / 3.0 + 2.0 * c * v + 6.0 * k * v + 4.0 * c
