@@ -67,6 +67,17 @@ def l2_normalize(x, eps: float = 1e-6) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
+def causal_conv(x_BxTx_, history_BxKm1x_, kernel_Kx_) -> tuple[jax.Array, jax.Array]:
+    """Causal depthwise convolution over time (axis 1) of x, continuing the K - 1 inputs before it
+    (`history`, zeros at a sequence start); every trailing axis is a channel of its own. Returns the
+    output (x's dtype) and the new history (the last K - 1 inputs)."""
+    history = jnp.concatenate([history_BxKm1x_.astype(x_BxTx_.dtype), x_BxTx_], axis=1)
+    t, taps = x_BxTx_.shape[1], kernel_Kx_.shape[0]
+    kernel = kernel_Kx_.astype(x_BxTx_.dtype)
+    out = sum(history[:, i : i + t] * kernel[i] for i in range(taps))
+    return out, history[:, history.shape[1] - history_BxKm1x_.shape[1]:]
+
+
 class NeuralMemory(nnx.Module):
     def __init__(self, p, model_cfg, *, rngs: nnx.Rngs):
         d, h = model_cfg.d_model, p.heads
@@ -152,11 +163,7 @@ class NeuralMemory(nnx.Module):
         """Per-token streams [B, H, T, ...] in the inner dtype (see engine.scan_chunks); new conv state."""
         raw_BxTx3xHxK = self.qkv(x_BxTxD)
         if self.conv_kernel:
-            history = jnp.concatenate([conv_state.astype(raw_BxTx3xHxK.dtype), raw_BxTx3xHxK], axis=1)
-            t = x_BxTxD.shape[1]
-            kernel = self.conv[...].astype(raw_BxTx3xHxK.dtype)
-            raw_BxTx3xHxK = sum(history[:, i : i + t] * kernel[i] for i in range(self.conv_kernel))
-            conv_state = history[:, history.shape[1] - conv_state.shape[1]:]
+            raw_BxTx3xHxK, conv_state = causal_conv(raw_BxTx3xHxK, conv_state, self.conv[...])
         inner = self.inner_dtype(x_BxTxD)
         q, k, v = jnp.unstack(jax.nn.silu(raw_BxTx3xHxK).astype(inner), axis=2)
         q, k = l2_normalize(q, self.eps), l2_normalize(k, self.eps)

@@ -23,7 +23,7 @@ from flax import nnx
 
 # Modules whose import registers blocks and wrappers. A new block family adds its module here.
 BLOCK_MODULES = ("memjax.models.attention", "memjax.memory.pkm", "memjax.memory.titans", "memjax.memory.miras",
-                 "memjax.memory.lm2", "memjax.models.hmt", "memjax.memory.hope")
+                 "memjax.memory.lm2", "memjax.models.hmt", "memjax.memory.hope", "memjax.memory.deltanet")
 
 BLOCKS: dict[str, type[Block]] = {}
 WRAPPERS: dict[str, type[Wrapper]] = {}
