@@ -42,7 +42,8 @@ PRESETS = {
                   seeds=(0, 1), steps=1500, batch_size=64, examples=1024, evals=15),
     "full": dict(settings=((256, 16), (256, 32), (256, 64)), vocab=8192, widths=(64, 128, 256, 512),
                  num_layers=2, num_heads=1, window=16, task_options="random_non_queries=false",
-                 mixers=("attention", "swa", "delta_mal", "delta", "titans_mag", "titans_mal", "titans_lmm", "pkm"),
+                 mixers=("attention", "swa", "delta_mal", "delta", "titans_mag", "titans_mal", "titans_lmm", "pkm",
+                         "gated_deltanet", "hope"),
                  lrs=(3e-4, 1e-3, 3e-3, 1e-2), seeds=(0, 1), steps=20_000, batch_size=256, examples=3000, evals=20),
 }
 # Small product-key tables (4,096 slots) for the CPU-sized widths.

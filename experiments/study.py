@@ -196,6 +196,11 @@ MIXERS = {
     "delta": ("titans_lmm", DELTA_MEMORY),  # the delta-rule memory alone (DeltaNet-like)
     "pkm": ("pkm", {}),  # full attention with a product-key memory in place of the FFN
     "lm2": ("lm2", {}),
+    # The exact delta rule with its data-dependent decay (memjax/memory/deltanet.py), and HOPE
+    # (memjax/memory/hope.py), at their registered defaults: in the full presets (their quick-preset
+    # settings have not been tuned on CPU).
+    "gated_deltanet": ("gated_deltanet", {}),
+    "hope": ("hope", {}),
 }
 
 
@@ -218,6 +223,8 @@ def set_mixer(cfg, mixer: str, *, window: int, memory: dict | None = None, **set
             {"pattern": VALUES_PATTERN, "lr_mult": 4.0, "weight_decay": 0.0})
     if block.startswith("titans"):
         cfg.model[block].update({"window": window, "heads": cfg.model.num_heads})
+    elif block in ("gated_deltanet", "hope"):
+        cfg.model[block].heads = cfg.model.num_heads  # heads as wide as attention's
 
 
 def pkm_forward_flops(model_cfg) -> float:

@@ -154,12 +154,13 @@ def test_full_preset_configs_are_the_papers_sizes():
     spec = importlib.util.spec_from_file_location("scaling_full", config_file("scaling_full"))
     scaling_full = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(scaling_full)
-    for mixer in ("titans_mag", "attention"):
+    # Gated DeltaNet and HOPE take the Transformer++ shapes: 5-8% more parameters (their layers are wider).
+    for mixer, rel in (("titans_mag", 0.05), ("attention", 0.05), ("gated_deltanet", 0.1), ("hope", 0.1)):
         for size, billions, tokens in (("170m", 0.17, 15e9), ("340m", 0.34, 15e9), ("760m", 0.76, 30e9)):
             cfg = scaling_full.get_config(f"{mixer},{size}")
             validate(cfg)
             total = factory.count_params(factory.abstract(cfg.model, 32768)[1])
-            assert total == pytest.approx(billions * 1e9, rel=0.05), (mixer, size, total)
+            assert total == pytest.approx(billions * 1e9, rel=rel), (mixer, size, total)
             assert cfg.train.seq_len == 4096 and cfg.model.block_pattern == mixer and cfg.optim.lr == 4e-4
             assert cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len == pytest.approx(tokens, rel=1e-4)
     with pytest.raises(ValueError, match="scaling_full.py"):
