@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.test_util import check_grads
 
 from memjax.kernels.neural_memory import engine
 from memjax.memory import neural, titans
@@ -140,6 +141,32 @@ def test_memora_weights_stay_on_the_simplex():
         assert np.all(np.asarray(w) >= 0)
         np.testing.assert_allclose(np.asarray(w).sum(-1), 1.0, rtol=1e-5)
     assert not np.allclose(engine.effective_weights(spec, state)[0], engine.effective_weights(spec, weights)[0])
+
+
+def test_softmax_read_vjp_equals_autodiff_of_its_definition():
+    """The closed-form VJP of `softmax_read` against jax.grad of x softmax(A) written out, in float64."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(7)
+        a, x, probe = (jnp.asarray(rng.normal(size=shape) * 3) for shape in ((5, 7), (5,), (7,)))
+        expected = jax.grad(lambda a, x: jnp.sum(jnp.sin(x @ jax.nn.softmax(a, axis=-1)) * probe), (0, 1))(a, x)
+        actual = jax.grad(lambda a, x: jnp.sum(jnp.sin(engine.softmax_read(a, x)) * probe), (0, 1))(a, x)
+        assert_trees_close(actual, expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("read, window, optimizer", [("after", 1, "gd"), ("before", 2, "momentum")])
+def test_memora_outer_gradient_matches_finite_differences(read, window, optimizer):
+    """The train step's gradient through softmax retention (`chunk_step_softmax` and its custom VJP)."""
+    spec = engine.Spec(depth=2, expansion=2, residual="norm", retention="softmax", optimizer=optimizer,
+                       window=window, read=read, chunk=3, remat_chunks=2)
+    with jax.enable_x64(True):
+        weights, momentum, s = random_problem(np.random.default_rng(8), spec, dim=3, length=6)
+        probe = jnp.asarray(np.random.default_rng(9).normal(size=(6, 3)))
+
+        def objective(weights, s):
+            y, w, m, _ = run_engine(spec, weights, momentum, s)
+            return jnp.sum(y * probe) + sum(jnp.sum(jnp.sin(x)) for x in w + m)
+
+        check_grads(objective, (weights, s), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("degree", [1, 2, 3])
