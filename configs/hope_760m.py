@@ -18,10 +18,10 @@ Sources of the numbers:
   and the inner step sizes of configs/hope_quickstart.py.
 
 Per-chip memory (`python -m memjax.aot --config configs/hope_760m.py --topology v4:4x4x4`, from a CPU
-host, compile 885 s): FSDP over 64 chips, 2 sequences of 4096 per chip: the compiler's peak is 46.3 GiB
-against 30.75 GiB of HBM: it does NOT fit at this batch (the per-sequence fast weights of every memory
-and level dominate). Not measured: grad_accum_steps=2 (1 sequence per chip), larger chips (v5p), the
-1.3B config.
+host): FSDP over 64 chips, 2 sequences of 4096 per chip per step. In one micro-batch the compiler's peak
+is 46.3 GiB against 30.75 GiB of HBM (the per-sequence fast weights of every memory and level dominate),
+so this config takes the step in 2 micro-batches (train.grad_accum_steps = 2, the same 128-sequence
+step): 25.16 GiB, 82% of HBM (compile 1130 s).
 """
 
 import os
@@ -48,4 +48,6 @@ def paper_config(d_model: int, num_layers: int, num_heads: int, tokens: float):
 
 
 def get_config():
-    return paper_config(d_model=1536, num_layers=22, num_heads=16, tokens=30e9)
+    cfg = paper_config(d_model=1536, num_layers=22, num_heads=16, tokens=30e9)
+    cfg.train.grad_accum_steps = 2  # one sequence per v4 chip per micro-batch: see the docstring
+    return cfg

@@ -121,6 +121,39 @@ def engine_breakdown(cfg, block: str) -> dict[str, float] | None:
     return parts
 
 
+def op_ceilings(cfg, block: str) -> dict[str, float]:
+    """Measured FLOP/s of the operation that bounds a memory block's engine where it is not a large
+    matmul, at the block's shapes: Muon's Newton-Schulz on the Gram path runs [m, m] matmuls batched over
+    the heads and a chunk's tokens; softmax retention reads every token's [in, out] weights through an
+    elementwise softmax (`engine.softmax_read`: max, subtract, exp, sum and the read's multiply-add, 6 FLOPs per
+    entry as `engine_flops` counts them)."""
+    import jax
+
+    from memjax import flops
+    from memjax.kernels.neural_memory import engine
+    from memjax.memory import neural
+
+    p = cfg.model.get(block)
+    if p is None or "optimizer" not in p:
+        return {}
+    spec = neural.engine_spec(p, cfg.model.norm_eps)
+    head_dim = cfg.model.d_model // p.heads
+    shapes = engine.layer_shapes(spec, neural.feature_dim(head_dim, p.feature_degree), head_dim)
+    batch = cfg.train.batch_size * p.heads * spec.chunk
+    ceilings = {}
+    if spec.optimizer == "muon" and spec.ns_form == "gram" and spec.retention != "softmax":
+        m = max(min(shape) for shape in shapes)
+        ceilings[f"[{batch}, {m}, {m}] batched matmul"] = flops.measure_matmul_peak(m, batch=batch)
+    if spec.retention == "softmax" and spec.optimizer != "muon":
+        fan_in, fan_out = max(shapes, key=lambda shape: shape[0] * shape[1])
+        keys = jax.random.split(jax.random.key(0))
+        weights = jax.random.normal(keys[0], (batch, fan_in, fan_out))
+        x = jax.random.normal(keys[1], (batch, fan_in))
+        seconds = flops.median_seconds(jax.jit(jax.vmap(engine.softmax_read)), weights, x)
+        ceilings[f"softmax read of [{batch}, {fan_in}, {fan_out}]"] = 6.0 * batch * fan_in * fan_out / seconds
+    return ceilings
+
+
 def time_train_step(cfg, runs: int, warmup: int) -> tuple[float, bool]:
     """Median seconds of one jitted forward+backward step, and whether its loss was finite."""
     import jax
@@ -203,6 +236,15 @@ def main(argv=None):
         row = next(r for r in rows if r["block"] == block and r["seq_len"] == seq_lens[-1])
         print(f"  {block:<14}{100 * row['achieved_flops_per_s'] / peak:>6.1f}%")
         row["measured_matmul_peak"] = peak
+    ceilings = {block: op_ceilings(model_config(args, block, seq_lens[-1]), block) for block in blocks}
+    if any(ceilings.values()):
+        print("\nmeasured rate of the operation that bounds each engine, at its shapes (share of the matmul peak):")
+        for block, rates in ceilings.items():
+            for name, rate in rates.items():
+                print(f"  {block:<14}{name}: {rate / 1e9:.1f} GFLOP/s ({100 * rate / peak:.1f}%)")
+                for row in rows:
+                    if row["block"] == block:
+                        row["bounding_op_flops_per_s"] = rate
     print("\nengine forward MFLOPs per token (all layers and heads) by part; outer backward = 2x their sum:")
     for block in blocks:
         parts = engine_breakdown(model_config(args, block, seq_lens[-1]), block)

@@ -220,19 +220,28 @@ def test_resume_with_a_changed_optimizer_structure_is_refused_and_the_original_c
 
 def test_a_run_saved_by_an_older_memjax_resumes_after_settings_were_added(straight, tmp_path):
     """A later memjax adds blocks (new config sections) and options whose defaults keep the old behaviour;
-    the run's saved settings lack them, which is no change: it resumes. A saved setting that differs
-    still refuses."""
+    the run's saved settings lack them, which is no change: it resumes; so do changed defaults of blocks
+    the run does not use. A saved setting of the run's own blocks that differs still refuses."""
     trainer.train(tiny_config(**BASE, **{"train.checkpoint_every": 8, "train.stop_at_step": 8}), str(tmp_path))
     for name in ("run.json", "config.json"):
         path = tmp_path / name
         saved = json.loads(path.read_text())
         model = saved["model"]
         del model["titans_mag"], model["titans_lmm"]["chunk"]  # as if written before they existed
+        model["atlas"]["ns_form"] = "old default"  # a block this run never used: its defaults may change
         path.write_text(json.dumps(saved))
     trainer.train(tiny_config(**BASE, **{"train.checkpoint_every": 8}), str(tmp_path))
     assert_same_params(params_of(tmp_path, tiny_config(**BASE))[0], straight)
-    with pytest.raises(ConfigError, match=r"config\.model\.swa\.window: the checkpoints in"):
-        reliability.check_resume_config(str(tmp_path), tiny_config(**BASE, **{"model.swa.window": 5}))
+    # As if the run had used swa blocks: their settings now count, the unused atlas section's still do not.
+    for name in ("run.json", "config.json"):
+        path = tmp_path / name
+        saved = json.loads(path.read_text())
+        saved["model"]["block_pattern"] = "swa"
+        path.write_text(json.dumps(saved))
+    swa = {**BASE, "model.block_pattern": "swa"}
+    reliability.check_resume_config(str(tmp_path), tiny_config(**swa))
+    with pytest.raises(ConfigError, match=r"^config\.model\.swa\.window: the checkpoints in"):
+        reliability.check_resume_config(str(tmp_path), tiny_config(**swa, **{"model.swa.window": 5}))
 
 
 def test_a_workdir_whose_checkpoints_are_all_corrupt_starts_over_only_when_told(straight, tmp_path):
