@@ -50,7 +50,7 @@ TARGETS: dict[str, dict] = {
 BASELINE = "attention"
 VOCAB = 256
 # Per block, settings applied before --set (which can change them). ATLAS's degree-2 feature map has
-# 1 + w + w^2 features for heads of width w, and Muon materialises each token's update within a chunk:
+# 1 + w + w^2 features for heads of width w, and Muon orthogonalises every token's update within a chunk:
 # heads of width 16 (273 features) and expansion 2, as in configs/atlas_340m.py, keep it affordable
 # (width 64 would give 4,161 features).
 SETTINGS: dict[str, dict] = {

@@ -13,7 +13,8 @@ Properties, float32:
 (b) causality: changing token t leaves the logits of positions < t bit-identical;
 (c) on 8 fake CPU devices (data 2 x fsdp 2 x tensor 2, parameters laid out by the trainer's rules),
     one call and token-by-token decoding equal one device's (1e-5 of the logits' scale: a sharded
-    reduction sums in another order); at the odd sizes (SHARDED_SIZES);
+    reduction sums in another order; ROUNDING_GROWTH times that for a block whose algorithm amplifies
+    rounding); at the odd sizes (SHARDED_SIZES);
 (d) segment carry, through memjax.segments.scan_segments as the trainer's document mode runs it (two
     segments, then the second and the first again, each from a reset lane). The first segment from
     init_carry == the first half of the one call (a fresh start, causal), and a reset lane's rerun of it
@@ -206,6 +207,11 @@ def check_b_causality(name, size, out):
         assert not np.allclose(changed[:, t:], whole[:, t:]), f"token {t} reached no later logit"
 
 
+# Blocks whose float32 rounding their algorithm amplifies, by the factor their own float64 tests bound:
+# ATLAS's Newton-Schulz on the Gram (ns_form="gram") squares each update's condition number
+# (tests/test_miras.py::test_newton_schulz_forms_in_float32_against_float64: 1e-4 against 1e-5).
+ROUNDING_GROWTH = {"atlas": 10.0}
+
 # At the odd sizes only: tests/test_sharding.py checks every block's training loss and gradients on this
 # mesh at tiny sizes; here, heads (3) that the tensor axis (2) cannot split, and decoding.
 SHARDED_SIZES = ("odd",)
@@ -229,9 +235,9 @@ def check_c_sharded(name, size, out):
         whole, tokens = jax.device_get(jax.jit(forward)(params, ids))
     assert sum(any(a is not None for a in x.sharding.spec) for x in jax.tree_util.tree_leaves(params)) > 0, \
         "no parameter is sharded: the comparison would prove nothing"
-    scale = float(np.max(np.abs(out["calls"][0])))
-    np.testing.assert_allclose(whole, out["calls"][0], rtol=0, atol=1e-5 * scale, err_msg="one call")
-    np.testing.assert_allclose(tokens, out["tokens"], rtol=0, atol=1e-5 * scale, err_msg="token by token")
+    atol = 1e-5 * float(np.max(np.abs(out["calls"][0]))) * ROUNDING_GROWTH.get(name, 1.0)
+    np.testing.assert_allclose(whole, out["calls"][0], rtol=0, atol=atol, err_msg="one call")
+    np.testing.assert_allclose(tokens, out["tokens"], rtol=0, atol=atol, err_msg="token by token")
 
 
 def check_d_segment_carry(name, size, out):

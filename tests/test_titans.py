@@ -27,7 +27,7 @@ ARCHITECTURES = {
 RULES = {
     "titans": dict(),
     "omega": dict(window=3),
-    "atlas_muon": dict(window=3, optimizer="muon"),
+    "atlas_muon": dict(window=3, optimizer="muon", ns_form="matrix"),
     "atlas_muon_gram": dict(window=3, optimizer="muon", ns_form="gram"),
     "moneta": dict(objective="lp", p=3.0, retention="qnorm", optimizer="gd"),
     "yaad": dict(objective="huber", optimizer="gd"),

@@ -73,9 +73,9 @@ class NeuralMemoryBlock(Block):
         # ... inner optimizer, retention and feature map.
         "optimizer": "momentum",  # "gd", "momentum" (Titans) or "muon" (momentum, then Newton-Schulz: ATLAS)
         "ns_steps": 5,  # Newton-Schulz iterations of "muon"
-        # "matrix": each token's update formed and orthogonalised; "gram": on its Gram matrix from the chunk's
-        # gradient factors (4x fewer FLOPs at ATLAS's widths; float32 rounding grows as eps / sigma_min^2)
-        "ns_form": "matrix",
+        # "gram": on the Gram matrix of each token's update, from the chunk's gradient factors (4x fewer FLOPs
+        # at ATLAS's widths; float32 rounding grows as eps / sigma_min^2); "matrix": on the formed update
+        "ns_form": "gram",
         "retention": "decay",  # "decay" (1 - alpha), "qnorm" (Moneta), "softmax" (Memora's KL retention)
         "q_norm": 4.0,  # exponent of "qnorm"
         "feature_degree": 0,  # polynomial feature map on q, k of this degree (0 = identity)

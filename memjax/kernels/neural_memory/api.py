@@ -16,8 +16,10 @@ optimizer, for every objective (l2, lp, huber, dot), Omega window and read order
 computed in float32. The reference runs instead: optimizer "muon" (per-token updates [C, in, out]; with
 ns_form="gram", engine.chunk_step_muon, Newton-Schulz on a [C, m, m] stack of per-token Grams: batched
 3-D contractions that the kernels' 2-D block bodies do not express, and that XLA runs as a few large
-batched matmuls), retention "softmax" (per-token [C, in, out] weights within a chunk: 1 MiB per map and
-head at Memora's widths 64 x 256 and chunk 16, more than a kernel block holds on chip) and gated
+batched matmuls), retention "softmax" (every token's [in, out] state read through its softmax, token
+by token, engine.chunk_step_softmax: a fused kernel would keep a map's state on chip across the chunk's
+tokens, but its backward needs every token's state, 1 MiB per map and head at Memora's widths 64 x 256
+and chunk 16, more than a kernel block holds on chip) and gated
 memories; and whatever `kernel` says, the after-update inner loss of evaluation diagnostics
 (`with_after_loss`). The GPU (Triton) kernel also needs power-of-two chunk and widths of at least 16
 and an Omega window of 1 (Triton blocks), and SiLU for a deep memory (Triton lowers no erf, so no exact GELU).

@@ -38,12 +38,14 @@ taken at the chunk-start state (C = 1 is the exact recurrence). Then:
   paper's per-token form (NS of every token's momentum; ATLAS's parallel training computes exactly
   these), with O(K (in + out) m + m^3) work per token instead of O(K in out + m^2 max(in, out)).
   The Gram squares the update's condition number: float32 rounding in a direction of singular value
-  sigma grows as eps / sigma^2, not eps / sigma, which is why "matrix" (below) is the default.
+  sigma grows as eps / sigma^2, not eps / sigma (at ATLAS's benchmark shapes 3e-5 of the outputs'
+  scale against float64, where "matrix" stays within 2e-6), for about 4x fewer FLOPs. It is the
+  default; "matrix" (below) keeps the digits.
 - Materialised path (softmax retention, Memora): softmax(A_t) is non-linear in every entry, so every
   token's state is formed (by the recurrence itself, O(c in out) per token) and read through its
-  softmax, token by token inside the chunk (`chunk_step_softmax`). Muon with ns_form="matrix" (the
-  default) or with softmax retention forms each token's S_t and orthogonalises it (Newton-Schulz on all
-  C in parallel, `chunk_step_materialised`).
+  softmax, token by token inside the chunk (`chunk_step_softmax`). Muon with ns_form="matrix" or with
+  softmax retention forms each token's S_t and orthogonalises it (Newton-Schulz on all C in parallel,
+  `chunk_step_materialised`).
 
 jax.lax.scan carries the state over chunks, in remat groups of `remat_chunks` chunks, so the backward
 stores one state per group. All functions work on one sequence and one head; callers vmap.
@@ -92,11 +94,11 @@ class Spec:
     window: int = 1  # Omega window c
     optimizer: str = "momentum"
     ns_steps: int = 5
-    # Muon's Newton-Schulz on each token's formed update ("matrix") or on its Gram from the chunk's factors
-    # ("gram", `chunk_step_muon`: about 4x fewer FLOPs at ATLAS's widths, but float32 rounding in a
-    # singular direction grows as eps / sigma^2 instead of eps / sigma, so ill-conditioned updates lose
-    # digits; the sharded-vs-one-device conformance check at 1e-5 fails with it in float32).
-    ns_form: str = "matrix"
+    # Muon's Newton-Schulz on the Gram of each token's update, from the chunk's factors ("gram",
+    # `chunk_step_muon`: about 4x fewer FLOPs at ATLAS's widths; float32 rounding in a singular direction
+    # grows as eps / sigma^2 instead of eps / sigma, so ill-conditioned updates lose digits), or on the
+    # formed update ("matrix": the digits kept, at the FLOP cost).
+    ns_form: str = "gram"
     retention: str = "decay"
     q: float = 4.0  # exponent of "qnorm" retention
     read: str = "after"
@@ -641,7 +643,8 @@ def engine_flops(spec: Spec, in_dim: int, out_dim: int) -> dict[str, float]:
             parts["read"] += mat + 2.0 * n * m + 2.0 * k * n + 2.0 * c * k * m + 2.0 * c * m * m
         elif spec.materialised:  # per-token weights [C, in, out], formed and read
             parts["read"] += mat
-            parts["retention"] += 5.0 * fan_in * fan_out  # softmax: max, subtract, exp, sum, divide
+            if spec.retention == "softmax":
+                parts["retention"] += 5.0 * fan_in * fan_out  # max, subtract, exp, sum, divide
             if spec.optimizer == "muon":  # each token's S_t formed, orthogonalised, then the decayed mix
                 parts["write"] += 2.0 * k * fan_in * fan_out + 2 * mat + c * mat
                 parts["newton_schulz"] += spec.ns_steps * (4.0 * m * m * n + 2.0 * m**3)
