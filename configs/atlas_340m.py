@@ -7,8 +7,9 @@ Memory heads: 64 of width 16, so that phi's width is 1 + 16 + 16^2 = 273 (16 hea
 4,161 features per head, 415M parameters of initial memory state alone and ~6.6e12 FLOPs per token), and
 memory_expansion 2 (hidden width 32), which keeps Muon's per-token Newton-Schulz work (on each update's
 32 x 32 Gram, ns_form "gram") at 1.8e9 forward FLOPs per token in all layers (the expansion-4 default:
-1.3e10; Newton-Schulz on the formed updates, ns_form "matrix": 8.6e9 and 3.6e10; engine.engine_flops). 354M parameters (counted with factory.abstract); 22 layers
-rather than the Transformer++ 340M shape's 24 (383M) keep the count at the name.
+1.3e10; Newton-Schulz on the formed updates, ns_form "matrix": 8.6e9 and 3.6e10; engine.engine_flops).
+354M parameters (counted with factory.abstract); 22 layers rather than the Transformer++ 340M shape's 24
+(383M) keep the count at the name.
 
 This file also holds `paper_config`, the shared shape of the paper-sized Miras configs
 (moneta_340m.py, yaad_340m.py, memora_340m.py). Meant for accelerators: 30,000 steps of 128 x 4096 tokens
