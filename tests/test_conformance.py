@@ -47,7 +47,7 @@ from flax import nnx
 from memjax import config, optim, parallel, segments, trainer
 from memjax.data import ByteTokenizer
 from memjax.models import factory, registry
-from tests.helpers import split_calls, tiny_config, token_by_token
+from tests.helpers import ROUNDING_GROWTH, split_calls, tiny_config, token_by_token
 from tests.test_sharding import MESHES, with_mesh
 
 VOCAB = -(-ByteTokenizer().vocab_size // 8) * 8  # what (c)'s trainer.setup sizes the embedding to
@@ -206,11 +206,6 @@ def check_b_causality(name, size, out):
         np.testing.assert_array_equal(changed[:, :t], whole[:, :t], err_msg=f"token {t} changed")
         assert not np.allclose(changed[:, t:], whole[:, t:]), f"token {t} reached no later logit"
 
-
-# Blocks whose float32 rounding their algorithm amplifies, by the factor their own float64 tests bound:
-# ATLAS's Newton-Schulz on the Gram (ns_form="gram") squares each update's condition number
-# (tests/test_miras.py::test_newton_schulz_forms_in_float32_against_float64: 1e-4 against 1e-5).
-ROUNDING_GROWTH = {"atlas": 10.0}
 
 # At the odd sizes only: tests/test_sharding.py checks every block's training loss and gradients on this
 # mesh at tiny sizes; here, heads (3) that the tensor axis (2) cannot split, and decoding.
