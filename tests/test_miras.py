@@ -95,8 +95,8 @@ def test_newton_schulz_forms_in_float32_against_float64():
     """ATLAS's chunked engine at the benchmark's shapes (273 features, 16-wide values, expansion 2, Omega
     window 4), float32 against float64: the matrix form within 1e-5 of the outputs' scale, the Gram form
     (the default) within 1e-4. The Gram squares the update's condition number, so float32 rounding grows
-    as eps / sigma^2 in a direction of singular value sigma; 1e-4 is the bound that the conformance suite's
-    sharded comparisons scale their tolerances by (tests/helpers.py ROUNDING_GROWTH)."""
+    as eps / sigma^2 in a direction of singular value sigma; 1e-4 is the bound that the sharded-vs-one-device
+    comparisons scale their tolerances by (tests/helpers.py ROUNDING_GROWTH)."""
     rng = np.random.default_rng(10)
     base = engine.Spec(depth=2, expansion=2, residual="add", window=4, optimizer="muon", chunk=16)
     in_dim, out_dim, length, history = 273, 16, 32, 3
