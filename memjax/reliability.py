@@ -216,32 +216,32 @@ def _differences(old: dict, new: dict) -> list[tuple[str, object, object]]:
     return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
-def _unused_sections(*models: dict) -> set[str]:
-    """The `config.model` sections (block and wrapper settings) that none of these model configs uses:
-    every config carries every registered block's defaults, so without this a new default of a block the
-    run never had (or a changed setting of one) would make the run unresumable."""
+def _without_unused_sections(changes, saved_model: dict, model: dict) -> list[tuple[str, object, object]]:
+    """`changes` less those in the `config.model` sections (block and wrapper settings) that neither model
+    config uses: every config carries every registered block's defaults, so without this a new default of
+    a block the run never had (or a changed setting of one) would make the run unresumable."""
     import ml_collections
 
     from memjax.models import registry
 
     used = set()
-    for model in models:
-        model_cfg = ml_collections.ConfigDict(model)
+    for model_dict in (saved_model, model):
+        model_cfg = ml_collections.ConfigDict(model_dict)
         used |= set(registry.block_names(model_cfg)) | set(registry.enabled_wrappers(model_cfg))
-    return set(registry.config_sections()) - used
+    unused = set(registry.config_sections()) - used
 
+    def in_unused(key: str) -> bool:
+        parts = key.split(".")
+        return len(parts) > 2 and parts[0] == "model" and parts[1] in unused
 
-def _in_sections(key: str, sections: set[str]) -> bool:
-    parts = key.split(".")
-    return len(parts) > 2 and parts[0] == "model" and parts[1] in sections
+    return [c for c in changes if not in_unused(c[0])]
 
 
 def config_changes(saved: dict, cfg) -> list[tuple[str, object, object]]:
     """(dotted key, saved value, new value) of every setting that differs, in key order; the settings of
     blocks and wrappers that neither config uses are not compared."""
     now = json.loads(cfg.to_json())
-    unused = _unused_sections(saved["model"], now["model"])
-    return [c for c in _differences(_flat(saved), _flat(now)) if not _in_sections(c[0], unused)]
+    return _without_unused_sections(_differences(_flat(saved), _flat(now)), saved["model"], now["model"])
 
 
 def resume_refusal(workdir: str, changes: list[tuple[str, object, object]], init_from: bool = True) -> str:
@@ -269,12 +269,11 @@ def check_resume_config(workdir: str, cfg) -> None:
             f"config.data.tokenizer: the checkpoints in {workdir} were trained with {saved['tokenizer_kind']!r}, "
             f"this config has {cfg.data.tokenizer!r}; use a new --workdir"
         )
-    saved_model = _flat(saved["model"], "model.")
-    unused = _unused_sections(saved["model"], cfg.model.to_dict())
+    saved_model, model = _flat(saved["model"], "model."), cfg.model.to_dict()
     # A setting the saved run lacks was added by a later memjax (a new block's section, a new option whose
     # default is the old behaviour): not a change, or upgrading memjax would strand every run.
-    changed = [c for c in _differences(saved_model, _flat(cfg.model.to_dict(), "model."))
-               if c[0] in saved_model and not _in_sections(c[0], unused)]
+    known = [c for c in _differences(saved_model, _flat(model, "model.")) if c[0] in saved_model]
+    changed = _without_unused_sections(known, saved["model"], model)
     if changed:
         raise ConfigError(resume_refusal(workdir, changed, init_from=False))
 

@@ -487,8 +487,13 @@ def softmax_read(a_IxO, x_I) -> jax.Array:
     The row sums divide x, not every entry. The VJP (closed-form softmax Jacobian) recomputes the
     exponentials from A instead of storing them: chunks are rematerialised anyway, and it made Memora's
     train step 1.3x faster than the autodiff of these steps."""
-    e_IxO = jnp.exp(a_IxO - jnp.max(a_IxO, axis=-1, keepdims=True))
+    e_IxO = _shifted_exp(a_IxO)
     return (x_I / jnp.sum(e_IxO, axis=-1)) @ e_IxO
+
+
+def _shifted_exp(a_IxO) -> jax.Array:
+    """exp(A - the row maxima): softmax's numerator, finite for any A."""
+    return jnp.exp(a_IxO - jnp.max(a_IxO, axis=-1, keepdims=True))
 
 
 def _softmax_read_fwd(a_IxO, x_I):
@@ -497,7 +502,7 @@ def _softmax_read_fwd(a_IxO, x_I):
 
 def _softmax_read_bwd(residuals, dy_O):
     a_IxO, x_I = residuals
-    e_IxO = jnp.exp(a_IxO - jnp.max(a_IxO, axis=-1, keepdims=True))
+    e_IxO = _shifted_exp(a_IxO)
     w_IxO = e_IxO / jnp.sum(e_IxO, axis=-1, keepdims=True)
     dx_I = w_IxO @ dy_O  # each row's softmax-weighted output gradient, also the Jacobian's centring term
     return x_I[:, None] * w_IxO * (dy_O[None, :] - dx_I[:, None]), dx_I
@@ -643,14 +648,15 @@ def engine_flops(spec: Spec, in_dim: int, out_dim: int) -> dict[str, float]:
             parts["read"] += mat + 2.0 * n * m + 2.0 * k * n + 2.0 * c * k * m + 2.0 * c * m * m
         elif spec.materialised:  # per-token weights [C, in, out], formed and read
             parts["read"] += mat
-            if spec.retention == "softmax":
-                parts["retention"] += 5.0 * fan_in * fan_out  # max, subtract, exp, sum, divide
             if spec.optimizer == "muon":  # each token's S_t formed, orthogonalised, then the decayed mix
                 parts["write"] += 2.0 * k * fan_in * fan_out + 2 * mat + c * mat
                 parts["newton_schulz"] += spec.ns_steps * (4.0 * m * m * n + 2.0 * m**3)
+                if spec.retention == "softmax":  # max, subtract, exp, sum, divide
+                    parts["retention"] += 5.0 * fan_in * fan_out
             else:  # chunk_step_softmax: the window's rank-1 writes, then the momentum and decay updates
                 parts["write"] += (2.0 * spec.window + 4.0) * fan_in * fan_out
-                parts["retention"] -= fan_in * fan_out  # softmax_read divides x by the row sums, not every entry
+                # softmax_read: max, subtract, exp, sum (x, not every entry, is divided by the row sums)
+                parts["retention"] += 4.0 * fan_in * fan_out
         else:  # chunk_step_linear
             parts["read"] += 2 * mat + 2.0 * k * (fan_in + fan_out)
             parts["write"] += mat * k / c  # the chunk-end state
